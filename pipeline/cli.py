@@ -1,0 +1,99 @@
+"""`medtl` command line: one subcommand per stage, each a thin shell over the stage's ``run``.
+
+Arguments name paths; params come from params.yaml (``--params``), one section per stage, and
+command-line flags override single values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.params import ParamsError, load_section
+
+log = logging.getLogger("medtl")
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline import synth
+
+    if args.add is not None:
+        summary = synth.add(Path(args.out), args.add)
+    else:
+        params = load_section(synth.SynthParams, args.params, "synth", patients=args.patients, seed=args.seed)
+        summary = synth.run(params, Path(args.out))
+    print(json.dumps(asdict(summary), indent=2))
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from pipeline import deid, ingest
+
+    params = load_section(ingest.IngestParams, args.params, "ingest", workers=args.workers)
+    try:
+        summary = ingest.run(params, Path(args.input), Path(args.labels), Path(args.out),
+                             quarantine_dir=Path(args.quarantine) if args.quarantine else None)
+    except (deid.KeyMissingError, ingest.LabelsError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"ingest: {summary.files_seen} files seen, {summary.ingested} ingested as {summary.images} images "
+          f"of {summary.patients} patients; {summary.rejected_total} rejected {summary.rejected}")
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from pipeline import deid
+
+    try:
+        path = deid.write_new_key(Path(args.path))
+    except FileExistsError as exc:
+        log.error("%s", exc)
+        return 2
+    print(f"wrote a new pseudonymisation key to {path} (mode 600). Back it up; never commit it.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medtl", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic DICOM cohort (the embedded default data)")
+    p.add_argument("--out", required=True, help="cohort directory (DICOM tree + labels.csv)")
+    p.add_argument("--patients", type=int, help="number of patients (params synth.patients)")
+    p.add_argument("--seed", type=int, help="random seed (params synth.seed)")
+    p.add_argument("--add", type=int, metavar="K", help="append K new patients to an existing cohort")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("ingest", help="classify, de-identify and index a DICOM tree")
+    p.add_argument("--input", required=True, help="DICOM export directory (params data.raw_dir)")
+    p.add_argument("--labels", required=True, help="labels CSV (params data.labels)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quarantine", help="directory to link rejected files into (keep it out of DVC outputs)")
+    p.add_argument("--workers", type=int, help="processes (params ingest.workers; 0 = all cores)")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("keygen", help="create a local pseudonymisation key file")
+    p.add_argument("--path", default=".medtl/pseudonym.key", help="where to write it (default: %(default)s)")
+    p.set_defaults(func=_cmd_keygen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ParamsError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

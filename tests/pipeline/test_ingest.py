@@ -1,0 +1,423 @@
+"""Ingest on the synthetic cohort and on pydicom's own test files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from pipeline import cli, deid, ingest
+from tests.conftest import TEST_KEY
+
+
+def _raw_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in {"labels.csv", "medtl_synth.json"})
+
+
+def _content_hash(path: Path) -> str:
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+
+
+def _raw_headers(root: Path) -> dict[Path, Dataset]:
+    headers = {}
+    for path in _raw_files(root):
+        try:
+            headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - junk and truncated files are expected in the cohort
+            continue
+    return headers
+
+
+def _rejected(out: Path) -> dict[str, str]:
+    with open(out / "rejected.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len({r["path"] for r in rows}) == len(rows), "a file is listed twice in rejected.csv"
+    return {r["path"]: r["reason"] for r in rows}
+
+
+def _outputs(out: Path) -> dict[str, str]:
+    return {p.relative_to(out).as_posix(): _content_hash(p) for p in sorted((out / "dicom").rglob("*.dcm"))}
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic cohort
+
+
+def test_every_file_is_accounted_for_exactly_once(cohort, ingested):
+    out, summary = ingested
+    raw = {p.relative_to(cohort).as_posix() for p in _raw_files(cohort)}
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    rejected = _rejected(out)
+    on_disk = json.loads((out / "summary.json").read_text())
+
+    assert summary.files_seen == len(raw) == on_disk["files_seen"]
+    assert set(rejected) <= raw
+    assert summary.ingested == int(manifest["n_files"].sum()) == len(raw) - len(rejected)
+    assert on_disk["rejected"] == summary.rejected and sum(summary.rejected.values()) == len(rejected)
+    # every manifest path exists, once
+    paths = [p for paths in manifest["paths"] for p in paths]
+    assert len(paths) == len(set(paths)) == summary.ingested
+    assert all((out / p).is_file() for p in paths)
+    assert set(_outputs(out)) == set(paths), "stray de-identified files in the output"
+    # the defects synth plants are each rejected for what they are
+    for category in ("not_dicom", "corrupt", "duplicate", "inconsistent_series", "non_image", "burned_in_annotation"):
+        assert summary.rejected.get(category, 0) >= 1, f"no {category} rejection in {summary.rejected}"
+    assert all(re.match(r"^[a-z_]+: \S", reason) for reason in rejected.values())
+    # volumes and projections both present; every image labelled with a known label
+    assert set(manifest["unit"]) >= {"2d", "volume"}
+    assert set(manifest["label"]) == {"lesion", "normal"}
+    assert manifest["patient_key"].str.match(r"^P-[A-Z2-7]{12}$").all()
+
+
+def test_rejected_files_are_quarantined_with_their_reason(cohort, ingested):
+    out, _ = ingested
+    quarantine = out.parent / "quarantine"
+    rejected = _rejected(out)
+    for relpath in rejected:
+        assert (quarantine / relpath).read_bytes() == (cohort / relpath).read_bytes()
+    with open(quarantine / "reasons.csv", newline="") as fh:
+        assert {r["path"]: r["reason"] for r in csv.DictReader(fh)} == rejected
+
+
+def test_volumes_are_ordered_by_position_and_keep_geometry(ingested):
+    out, _ = ingested
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    volumes = manifest[manifest["unit"] == "volume"]
+    assert len(volumes) > 0
+    for row in volumes.itertuples():
+        slices = [pydicom.dcmread(out / p, stop_before_pixels=True) for p in row.paths]
+        normal = np.cross(np.array(row.orientation[:3]), np.array(row.orientation[3:]))
+        along = [float(np.dot(normal, [float(v) for v in s.ImagePositionPatient])) for s in slices]
+        assert along == sorted(along)
+        assert np.allclose(np.diff(along), row.spacing_mm[2], atol=1e-3)
+        assert row.frames == len(slices) == row.n_files
+        assert [float(v) for v in slices[0].PixelSpacing] == pytest.approx(list(row.spacing_mm[:2]))
+
+
+def _phi_strings(headers: dict[Path, Dataset]) -> set[str]:
+    phi: set[str] = set()
+    for ds in headers.values():
+        for keyword in ("PatientName", "OtherPatientNames", "ReferringPhysicianName", "OperatorsName"):
+            for name in (ds.get(keyword) or []) if isinstance(ds.get(keyword), pydicom.multival.MultiValue) else [ds.get(keyword)]:
+                if name:
+                    name = pydicom.valuerep.PersonName(name)
+                    phi.add(str(name))
+                    phi.update(part for part in (name.family_name, name.given_name) if len(part) >= 4)
+        for keyword in ("PatientID", "AccessionNumber", "PatientBirthDate", "InstitutionName", "PatientAddress",
+                        "PatientTelephoneNumbers", "StudyDescription", "StudyInstanceUID", "SeriesInstanceUID",
+                        "SOPInstanceUID", "DeviceSerialNumber", "StationName"):
+            value = ds.get(keyword)
+            if value:
+                phi.add(str(value))
+    return {s.strip() for s in phi if len(s.strip()) >= 4}
+
+
+def _find_phi(blob: bytes, phi: set[str]) -> list[str]:
+    found = []
+    lower = blob.lower()
+    for value in phi:
+        needle = value.encode()
+        if value.isdigit():  # dates/IDs: only as a whole number, not inside a longer digit run (a UID)
+            if re.search(rb"(?<![0-9])" + re.escape(needle) + rb"(?![0-9])", blob):
+                found.append(value)
+        elif needle.lower() in lower:
+            found.append(value)
+    return found
+
+
+def test_no_phi_in_any_ingest_output_or_log(cohort, tmp_path, caplog):
+    headers = _raw_headers(cohort)
+    phi = _phi_strings(headers)
+    assert len(phi) > 100, "the cohort should carry plenty of fake PHI to look for"
+    out = tmp_path / "out"
+    with caplog.at_level(logging.DEBUG):
+        ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", out, key=TEST_KEY)
+    leaks = {}
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".dcm" for p in files) and (out / "manifest.parquet") in files
+    for path in files:
+        found = _find_phi(path.read_bytes(), phi)
+        if found:
+            leaks[path.relative_to(out).as_posix()] = found[:5]
+    assert not leaks, f"PHI found in ingest outputs: {dict(list(leaks.items())[:5])}"
+    assert not _find_phi(caplog.text.encode(), phi), "PHI in the logs"
+    # and the de-identified files say so
+    sample = pydicom.dcmread(next(p for p in files if p.suffix == ".dcm"))
+    assert sample.PatientIdentityRemoved == "YES"
+    assert {c.CodeValue for c in sample.DeidentificationMethodCodeSequence} >= {"113100"}
+    assert not any(elem.tag.is_private for elem in sample.iterall())
+
+
+def test_uid_remapping_keeps_series_and_study_structure(cohort, ingested):
+    out, _ = ingested
+    headers = _raw_headers(cohort)
+    by_hash = {p.name.split(".")[0]: p for p in (out / "dicom").rglob("*.dcm")}
+    new_series: dict[str, set[str]] = defaultdict(set)
+    new_study: dict[str, set[str]] = defaultdict(set)
+    study_of_series: dict[str, set[str]] = defaultdict(set)
+    checked = 0
+    for raw_path, raw in headers.items():
+        output = by_hash.get(_content_hash(raw_path)[:20])
+        if output is None:
+            continue
+        new = pydicom.dcmread(output, stop_before_pixels=True)
+        assert new.SeriesInstanceUID != raw.SeriesInstanceUID and new.SOPInstanceUID != raw.SOPInstanceUID
+        assert new.file_meta.MediaStorageSOPInstanceUID == new.SOPInstanceUID
+        new_series[raw.SeriesInstanceUID].add(new.SeriesInstanceUID)
+        new_study[raw.StudyInstanceUID].add(new.StudyInstanceUID)
+        study_of_series[new.SeriesInstanceUID].add(new.StudyInstanceUID)
+        checked += 1
+    assert checked > 100
+    assert all(len(v) == 1 for v in new_series.values()), "one series split into several after remapping"
+    assert all(len(v) == 1 for v in new_study.values())
+    assert len({next(iter(v)) for v in new_series.values()}) == len(new_series), "two series merged"
+    assert all(len(v) == 1 for v in study_of_series.values())
+
+
+def _labels_by(cohort: Path, key: str, headers: dict[Path, Dataset], path: Path) -> Path:
+    """A labels CSV keyed by ``key``, built from the raw headers and synth's study labels."""
+    with open(cohort / "labels.csv", newline="") as fh:
+        study_label = {r["study_instance_uid"]: r["label"] for r in csv.DictReader(fh)}
+    rows = {}
+    for raw_path, ds in headers.items():
+        label = study_label.get(str(ds.get("StudyInstanceUID", "")))
+        if label is None:
+            continue
+        value = {
+            "file": raw_path.relative_to(cohort).as_posix(),
+            "sop_instance_uid": ds.get("SOPInstanceUID"),
+            "series_instance_uid": ds.get("SeriesInstanceUID"),
+            "study_instance_uid": ds.get("StudyInstanceUID"),
+            "accession_number": ds.get("AccessionNumber"),
+        }[key]
+        rows[str(value)] = label
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([key, "label"])
+        writer.writerows(sorted(rows.items()))
+    return path
+
+
+@pytest.mark.parametrize("key", ["file", "sop_instance_uid", "series_instance_uid", "accession_number"])
+def test_labels_join_by_each_key_type(cohort, ingested, tmp_path, key):
+    out_study, _ = ingested
+    expected = pd.read_parquet(out_study / "manifest.parquet")[["image_id", "label"]]
+    labels = _labels_by(cohort, key, _raw_headers(cohort), tmp_path / f"labels_{key}.csv")
+    out = tmp_path / "out"
+    summary = ingest.run(ingest.IngestParams(workers=1), cohort, labels, out, key=TEST_KEY)
+    got = pd.read_parquet(out / "manifest.parquet")[["image_id", "label"]]
+    assert summary.label_key == key
+    pd.testing.assert_frame_equal(got.sort_values("image_id").reset_index(drop=True),
+                                  expected.sort_values("image_id").reset_index(drop=True))
+
+
+def test_unlabelled_images_are_rejected_not_guessed(cohort, ingested, tmp_path):
+    """Drop half the label rows: those studies' images are rejected as unlabelled, whatever their names."""
+    with open(cohort / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    kept = rows[::2]
+    labels = tmp_path / "half.csv"
+    with open(labels, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["study_instance_uid", "label"])
+        writer.writeheader()
+        writer.writerows(kept)
+    summary = ingest.run(ingest.IngestParams(workers=1), cohort, labels, tmp_path / "out", key=TEST_KEY)
+    _, full = ingested
+    assert summary.rejected.get("unlabelled", 0) > 0
+    assert summary.studies == pytest.approx(full.studies / 2, abs=2)
+    assert summary.files_seen == summary.ingested + summary.rejected_total
+
+
+def test_incremental_rerun_after_new_arrivals_equals_full_run(tmp_path):
+    from pipeline import synth
+
+    cohort = tmp_path / "synth"
+    synth.run(synth.SynthParams(patients=12, seed=3), cohort)
+    out = tmp_path / "incremental"
+    first = ingest.run(ingest.IngestParams(workers=2), cohort, cohort / "labels.csv", out, key=TEST_KEY)
+    n_before = first.files_seen
+    synth.add(cohort, 3)
+    second = ingest.run(ingest.IngestParams(workers=2), cohort, cohort / "labels.csv", out, key=TEST_KEY)
+    assert second.files_seen > n_before
+    assert second.run["new_files"] == second.files_seen - n_before, "old files were processed again"
+
+    full_out = tmp_path / "full"
+    full = ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", full_out, key=TEST_KEY)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), pd.read_parquet(full_out / "manifest.parquet"))
+    assert (out / "rejected.csv").read_text() == (full_out / "rejected.csv").read_text()
+    assert _outputs(out) == _outputs(full_out)
+    assert {k: v for k, v in vars(second).items() if k != "run"} == {k: v for k, v in vars(full).items() if k != "run"}
+
+
+def test_interrupted_run_resumes_from_its_cache(cohort_copy, tmp_path):
+    out = tmp_path / "out"
+    full = ingest.run(ingest.IngestParams(workers=1), cohort_copy, cohort_copy / "labels.csv", out, key=TEST_KEY)
+    reference = pd.read_parquet(out / "manifest.parquet")
+    # simulate a kill part-way: half the cache lines survive, the last one cut mid-write, no manifest yet
+    cache = out / "cache" / "records.jsonl"
+    lines = cache.read_text().splitlines()
+    keep = len(lines) // 2
+    cache.write_text("\n".join(lines[:keep]) + "\n" + lines[keep][: len(lines[keep]) // 2])
+    for name in ("manifest.parquet", "rejected.csv", "summary.json"):
+        (out / name).unlink()
+    resumed = ingest.run(ingest.IngestParams(workers=1), cohort_copy, cohort_copy / "labels.csv", out, key=TEST_KEY)
+    assert 0 < resumed.run["new_files"] < full.files_seen
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), reference)
+
+
+def test_a_different_key_gives_different_pseudonyms_and_rebuilds(cohort, ingested, tmp_path):
+    out, _ = ingested
+    other = tmp_path / "out"
+    ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", other, key=b"another-key-another-key-xx")
+    a = set(pd.read_parquet(out / "manifest.parquet")["patient_key"])
+    b = set(pd.read_parquet(other / "manifest.parquet")["patient_key"])
+    assert len(a) == len(b) and not a & b
+
+
+def test_real_data_without_a_key_stops_with_a_clear_error(tmp_path, monkeypatch, capsys):
+    for var in (deid.ENV_KEY, deid.ENV_KEY_FILE):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    raw = tmp_path / "export"
+    raw.mkdir()
+    _write_instance(raw / "a.dcm")
+    (tmp_path / "labels.csv").write_text("file,label\na.dcm,normal\n")
+    with pytest.raises(deid.KeyMissingError, match="MEDTL_PSEUDONYM_KEY"):
+        ingest.run(ingest.IngestParams(workers=1), raw, tmp_path / "labels.csv", tmp_path / "out")
+    rc = cli.main(["ingest", "--input", str(raw), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert not (tmp_path / "o" / "manifest.parquet").exists()
+    # with a key file made by `medtl keygen` it runs
+    assert cli.main(["keygen"]) == 0
+    assert (tmp_path / ".medtl" / "pseudonym.key").stat().st_mode & 0o077 == 0
+    assert cli.main(["ingest", "--input", str(raw), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "o")]) == 0
+    assert len(pd.read_parquet(tmp_path / "o" / "manifest.parquet")) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("label\nnormal\n", "exactly one key column"),
+     ("file,path\na.dcm,x\n", "no 'label' column"),
+     ("file,label\na.dcm,normal\na.dcm,lesion\n", "different labels")],
+)
+def test_bad_labels_file_names_the_file_and_problem(tmp_path, content, message):
+    path = tmp_path / "labels.csv"
+    path.write_text(content)
+    with pytest.raises(ingest.LabelsError, match=message) as err:
+        ingest.read_labels(path, deid.Pseudonymizer(TEST_KEY))
+    assert str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# hand-made edge cases and pydicom's own test files
+
+
+def _write_instance(path: Path, *, transfer_syntax=ExplicitVRLittleEndian, **attrs) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.SOPClassUID = pydicom.uid.CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "EDGE123", "EDGE^CASE", "CT"
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = np.zeros((8, 8), np.uint16).tobytes()
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    if transfer_syntax.is_encapsulated:
+        ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 32])
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def test_edge_cases_are_rejected_with_actionable_reasons(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_instance(raw / "ok.dcm")
+    _write_instance(raw / "burned.dcm", BurnedInAnnotation="YES")
+    _write_instance(raw / "mpeg.dcm", transfer_syntax=pydicom.uid.MPEG2MPML)
+    _write_instance(raw / "nopid.dcm", PatientID="")
+    (raw / "empty.dcm").write_bytes(b"")
+    (raw / "notes.txt").write_text("not an image")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n" + "".join(f"{p.name},normal\n" for p in raw.iterdir()))
+    summary = ingest.run(ingest.IngestParams(workers=1), raw, labels, tmp_path / "out", key=TEST_KEY)
+    reasons = _rejected(tmp_path / "out")
+    assert summary.ingested == 1
+    assert reasons["burned.dcm"].startswith("burned_in_annotation:")
+    assert reasons["mpeg.dcm"].startswith("no_decoder:") and "MPEG2" in reasons["mpeg.dcm"]
+    assert reasons["nopid.dcm"].startswith("missing_patient_id:")
+    assert reasons["empty.dcm"] == "not_dicom: empty file"
+    assert reasons["notes.txt"].startswith("not_dicom:")
+
+
+@pytest.fixture(scope="module")
+def pydicom_testfiles(tmp_path_factory):
+    from pydicom.data import get_testdata_file
+
+    src = Path(get_testdata_file("CT_small.dcm")).parent
+    raw = tmp_path_factory.mktemp("pydicom") / "test_files"
+    shutil.copytree(src, raw)
+    files = [p.relative_to(raw).as_posix() for p in sorted(raw.rglob("*")) if p.is_file()]
+    labels = raw.parent / "labels.csv"
+    labels.write_text("file,label\n" + "".join(f"{f},normal\n" for f in files))
+    out = raw.parent / "out"
+    summary = ingest.run(ingest.IngestParams(workers=2), raw, labels, out, key=TEST_KEY)
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    return files, summary, _rejected(out), manifest
+
+
+# file -> expected category ("ok" = ingested). One or more per kind of trouble the files hold.
+PYDICOM_EXPECTED = {
+    "CT_small.dcm": "ok",
+    "JPEG2000.dcm": "ok",  # compressed, decoded by pylibjpeg-openjpeg
+    "liver_1frame.dcm": "non_image",  # a Segmentation: label map, not an image
+    "MR_truncated.dcm": "corrupt",  # pixel data cut short
+    "SC_ybr_full_422_uncompressed.dcm": "corrupt",
+    "JPEG2000-embedded-sequence-delimiter.dcm": "corrupt",  # a broken codestream
+    "DICOMDIR": "dicomdir",
+    "DICOMDIR-bigEnd": "dicomdir",
+    "rtplan.dcm": "non_image",
+    "rtstruct.dcm": "non_image",
+    "test-SR.dcm": "non_image",
+    "waveform_ecg.dcm": "non_image",
+    "rtdose.dcm": "non_image",  # has pixel data, but a dose grid
+    "README.txt": "not_dicom",
+    "zipMR.gz": "not_dicom",
+    "crayons.icc": "not_dicom",
+    "ExplVR_BigEnd.dcm": "missing_patient_id",
+    "MR_small.dcm": "duplicate",  # MR_small_* are one SOP instance in several encodings
+    "MR_small_bigendian.dcm": "duplicate",
+}
+
+
+def test_pydicom_test_files_each_ingested_or_rejected_sensibly(pydicom_testfiles):
+    files, summary, rejected, manifest = pydicom_testfiles
+    assert summary.files_seen == len(files) == summary.ingested + len(rejected)
+    for name, expected in PYDICOM_EXPECTED.items():
+        if name not in files:
+            continue  # a pydicom release without this file
+        got = "ok" if name not in rejected else rejected[name].split(":")[0]
+        assert got == expected, f"{name}: expected {expected}, got {rejected.get(name, 'ingested')}"
+    checked = [n for n in PYDICOM_EXPECTED if n in files]
+    assert len(checked) >= 15
+    # every category of trouble in the set shows up in the summary
+    assert {"corrupt", "dicomdir", "non_image", "not_dicom", "duplicate"} <= set(summary.rejected)
+    assert {"volume", "multiframe", "2d"} <= set(manifest["unit"])
