@@ -1,0 +1,116 @@
+"""Ingest throughput against the floor of a bare ``pydicom.dcmread`` loop over the same files.
+
+Usage: python benchmarks/bench_ingest.py [--instances 5000] [--workdir benchmarks/out]
+
+Writes the synthetic tree (cached between runs in the workdir), then measures, in one run:
+  * floor: ``pydicom.dcmread`` of every file (a full read: all elements, pixel bytes, no decode),
+    with 1 and 2 processes;
+  * ingest (classify, decode-check compressed pixels, de-identify, write, manifest), 1 and 2 workers,
+    each from an empty output directory;
+  * incremental: ~5% new patients appended with ``synth.add``, ingest rerun on the 2-worker output.
+Prints a markdown table and writes benchmarks/out/ingest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pydicom
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import ingest, synth  # noqa: E402
+
+KEY = b"benchmark-key-not-secret-0123456789"
+
+
+def _read(path: str) -> int:
+    ds = pydicom.dcmread(path, force=True)
+    for _ in ds.iterall():  # convert every element, as ingest does
+        pass
+    return len(ds)
+
+
+def floor(files: list[str], workers: int) -> float:
+    start = time.perf_counter()
+    if workers == 1:
+        for f in files:
+            _read(f)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_read, files, chunksize=64))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=5000)
+    parser.add_argument("--workdir", type=Path, default=Path("benchmarks/out"))
+    args = parser.parse_args()
+    work = args.workdir
+    cohort = work / "cohort"
+    patients = 150
+    while True:
+        summary = synth.run(synth.SynthParams(patients=patients, seed=11), cohort)
+        if summary.files >= args.instances:
+            break
+        patients = int(patients * args.instances / max(summary.files, 1) * 1.05) + 1
+    files = [str(p) for p in sorted(cohort.rglob("*")) if p.is_file() and p.name not in {"labels.csv", "medtl_synth.json"}]
+    n = len(files)
+    print(f"cohort: {patients} patients, {n} files, {sum(os.path.getsize(f) for f in files) / 1e6:.0f} MB")
+    for f in files:  # warm the page cache so the first measurement is not penalised
+        Path(f).read_bytes()
+
+    results: dict = {"files": n, "patients": patients, "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine()}}
+    for workers in (1, 2):
+        t_floor = floor(files, workers)
+        out = work / f"ingest_w{workers}"
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        s = ingest.run(ingest.IngestParams(workers=workers), cohort, cohort / "labels.csv", out, key=KEY)
+        t_ingest = time.perf_counter() - start
+        results[f"workers_{workers}"] = {
+            "floor_s": round(t_floor, 2), "floor_files_per_s": round(n / t_floor, 1),
+            "ingest_s": round(t_ingest, 2), "ingest_files_per_s": round(n / t_ingest, 1),
+            "ratio_ingest_to_floor": round(t_ingest / t_floor, 2),
+            "ingested": s.ingested, "rejected": s.rejected,
+        }
+        print(json.dumps({f"workers_{workers}": results[f"workers_{workers}"]}))
+
+    # incremental: ~5% new files, rerun on the 2-worker output
+    new_patients = max(1, round(patients * 0.05))
+    synth.add(cohort, new_patients)
+    start = time.perf_counter()
+    s = ingest.run(ingest.IngestParams(workers=2), cohort, cohort / "labels.csv", work / "ingest_w2", key=KEY)
+    t_inc = time.perf_counter() - start
+    full = results["workers_2"]["ingest_s"]
+    results["incremental_w2"] = {
+        "new_files": s.run["new_files"], "new_fraction": round(s.run["new_files"] / s.files_seen, 3),
+        "seconds": round(t_inc, 2), "fraction_of_full_run": round(t_inc / full, 3),
+    }
+    # restore the cohort size for the next benchmark run (the added patients would be kept otherwise)
+    shutil.rmtree(cohort)
+    print(json.dumps({"incremental_w2": results["incremental_w2"]}))
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "ingest.json").write_text(json.dumps(results, indent=2) + "\n")
+    print("\n| workers | floor files/s | ingest files/s | ingest / floor time |\n|---|---|---|---|")
+    for w in (1, 2):
+        r = results[f"workers_{w}"]
+        print(f"| {w} | {r['floor_files_per_s']} | {r['ingest_files_per_s']} | {r['ratio_ingest_to_floor']}× |")
+    r = results["incremental_w2"]
+    print(f"\nincremental: {r['new_files']} new files ({r['new_fraction']:.1%}) took {r['seconds']} s = "
+          f"{r['fraction_of_full_run']:.1%} of the full 2-worker run")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The real dvc.yaml and params.yaml, shrunk, run by `dvc repro` in a scratch copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    proj = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, proj / name)
+    shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["synth"]["patients"] = 8
+    params["ingest"]["workers"] = 1
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    assert _dvc(proj, "init", "-q").returncode == 0
+    return proj
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_synth_and_ingest_then_is_a_no_op(project):
+    first = _dvc(project, "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    summary = json.loads((project / "data/interim/ingest/summary.json").read_text())
+    assert summary["files_seen"] == summary["ingested"] + sum(summary["rejected"].values())
+    assert summary["patients"] > 0 and (project / "data/interim/ingest/manifest.parquet").is_file()
+    assert (project / "dvc.lock").is_file()
+
+    second = _dvc(project, "repro")
+    assert second.returncode == 0, second.stderr
+    assert "Running stage" not in second.stdout, second.stdout
+    status = _dvc(project, "status")
+    assert "up to date" in status.stdout.lower(), status.stdout
+
+    metrics = _dvc(project, "metrics", "show", "--json")
+    assert metrics.returncode == 0 and "files_seen" in metrics.stdout
+
+
+@pytest.mark.slow
+def test_raw_data_is_never_pushed(project):
+    """The raw (PHI) cohort is a push: false output; `dvc push` to a local remote leaves it out."""
+    if not (project / "dvc.lock").exists():
+        assert _dvc(project, "repro").returncode == 0
+    remote = project.parent / "remote"
+    assert _dvc(project, "remote", "add", "-d", "local", str(remote)).returncode == 0
+    push = _dvc(project, "push")
+    assert push.returncode == 0, push.stderr
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    raw_md5 = lock["stages"]["synth"]["outs"][0]["md5"].removesuffix(".dir")
+    pushed = {p.parent.name + p.name for p in remote.rglob("*") if p.is_file()}
+    assert raw_md5 not in {name.removesuffix(".dir") for name in pushed}
+    manifest_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"].endswith("manifest.parquet"))
+    assert manifest_md5 in pushed, "de-identified outputs should be pushed"
