@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pydicom
 from dicognito.anonymizer import Anonymizer
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,27 @@ def write_new_key(path: Path = LOCAL_KEY_FILE) -> Path:
     return path
 
 
+_REMOVE_SET = frozenset(REMOVE_TAGS)
+
+
+def _strip(ds: Dataset) -> None:
+    """Remove private tags, curves, overlays and REMOVE_KEYWORDS, recursing into sequences.
+
+    Works on the tags (``ds.keys()``) so that raw values are not decoded just to be looked at;
+    dicognito's single walk afterwards decodes what remains.
+    """
+    for tag in list(ds.keys()):
+        group = tag.group
+        if tag.is_private or tag in _REMOVE_SET or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
+            del ds[tag]  # private tags, the profile's removals, curves and overlays (may hold text)
+            continue
+        raw = ds.get_item(tag)
+        vr = raw.VR if raw is not None and raw.VR else (dictionary_VR(tag) if tag in DicomDictionary else "")
+        if vr == "SQ":
+            for item in ds[tag].value or []:
+                _strip(item)
+
+
 @dataclass(frozen=True)
 class Pseudonymizer:
     """Keyed, deterministic pseudonyms and de-identification for one secret key."""
@@ -219,14 +240,7 @@ class Pseudonymizer:
 
     def deidentify(self, ds: Dataset, patient_key: str) -> None:
         """De-identify ``ds`` in place (file meta included). See the module docstring for what is done."""
-        ds.remove_private_tags()
-        for tag in REMOVE_TAGS:
-            if tag in ds:
-                del ds[tag]
-        for elem in list(ds):
-            group = elem.tag.group
-            if 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:  # curves, overlays (may hold text)
-                del ds[elem.tag]
+        _strip(ds)
         self._anonymizer(patient_key).anonymize(ds)
         for keyword in EMPTY_KEYWORDS:
             setattr(ds, keyword, "")

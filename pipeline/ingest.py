@@ -200,7 +200,8 @@ def _floats(ds: pydicom.Dataset, keyword: str) -> list[float]:
 
 
 def _read(data: bytes) -> pydicom.Dataset:
-    """Parse a whole file (values converted, so corrupt elements fail here, not later)."""
+    """Parse a file. Values convert lazily: de-identification touches every element, so a corrupt
+    value fails there (and is reported as corrupt) before anything is written."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError:
@@ -209,8 +210,6 @@ def _read(data: bytes) -> pydicom.Dataset:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
         if not any(k in ds for k in ("SOPClassUID", *PIXEL_KEYWORDS)):
             raise InvalidDicomError("no DICM prefix and no DICOM dataset") from None
-    for _ in ds.iterall():  # force conversion of every raw element, nested ones included
-        pass
     return ds
 
 
@@ -267,6 +266,8 @@ def _scan_bytes(data: bytes, content_hash: str, ctx: _ScanContext, pseudo: deid.
     record.sop_class_uid = str(sop_class)
     class_name = sop_class.name if sop_class else "unknown SOP class"
     if not any(k in ds for k in PIXEL_KEYWORDS):
+        if "Image Storage" in class_name:  # an image object that lost its pixels: cut short or stripped
+            return _reject(record, CORRUPT, f"{class_name} object without pixel data (truncated or stripped file)")
         return _reject(record, NON_IMAGE, f"{class_name} object without pixel data")
     if str(sop_class) in NON_IMAGE_WITH_PIXELS:
         return _reject(record, NON_IMAGE, NON_IMAGE_WITH_PIXELS[str(sop_class)])
@@ -316,7 +317,7 @@ def _scan_bytes(data: bytes, content_hash: str, ctx: _ScanContext, pseudo: deid.
     try:
         pseudo.deidentify(ds, record.patient_key)
     except Exception as exc:  # noqa: BLE001 - never write a file we could not fully de-identify
-        return _reject(record, CORRUPT, f"de-identification failed ({type(exc).__name__}: {str(exc)[:300]})")
+        return _reject(record, CORRUPT, f"an element cannot be read or de-identified ({type(exc).__name__}: {str(exc)[:300]})")
     record.sop_uid, record.series_uid, record.study_uid = (
         str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID),
     )
@@ -333,7 +334,7 @@ def _output_path(record: FileRecord) -> str:
 def _write_dataset(ds: pydicom.Dataset, path: Path) -> None:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), durable=False)  # regenerable from the raw file
 
 
 def _hash(data: bytes) -> str:

@@ -7,11 +7,13 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
 
-    The bytes go to a temporary file in the same directory, are flushed to disk, then renamed over
-    ``path`` (a rename within one file system is atomic).
+    The bytes go to a temporary file in the same directory, then are renamed over ``path`` (a rename
+    within one file system is atomic, so a killed process never leaves a partial file under the
+    final name). ``durable`` also fsyncs before the rename, which survives a power cut too; bulk
+    outputs that a rerun can regenerate skip it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -19,8 +21,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
