@@ -216,7 +216,9 @@ def test_labels_join_by_each_key_type(cohort, ingested, tmp_path, key):
     expected = pd.read_parquet(out_study / "manifest.parquet")[["image_id", "label"]]
     labels = _labels_by(cohort, key, _raw_headers(cohort), tmp_path / f"labels_{key}.csv")
     out = tmp_path / "out"
+    shutil.copytree(out_study, out)  # a labels change on an ingested export: reruns from the cache
     summary = ingest.run(ingest.IngestParams(workers=1), cohort, labels, out, key=TEST_KEY)
+    assert summary.run["new_files"] == 0
     got = pd.read_parquet(out / "manifest.parquet")[["image_id", "label"]]
     assert summary.label_key == key
     pd.testing.assert_frame_equal(got.sort_values("image_id").reset_index(drop=True),
@@ -233,8 +235,12 @@ def test_unlabelled_images_are_rejected_not_guessed(cohort, ingested, tmp_path):
         writer = csv.DictWriter(fh, fieldnames=["study_instance_uid", "label"])
         writer.writeheader()
         writer.writerows(kept)
+    out, full = ingested
+    shutil.copytree(out, tmp_path / "out")
     summary = ingest.run(ingest.IngestParams(workers=1), cohort, labels, tmp_path / "out", key=TEST_KEY)
-    _, full = ingested
+    assert not set(pd.read_parquet(tmp_path / "out" / "manifest.parquet")["study_uid"]) - set(
+        pd.read_parquet(out / "manifest.parquet")["study_uid"])
+    assert len(_outputs(tmp_path / "out")) == summary.ingested, "outputs of now-unlabelled images must go"
     assert summary.rejected.get("unlabelled", 0) > 0
     assert summary.studies == pytest.approx(full.studies / 2, abs=2)
     assert summary.files_seen == summary.ingested + summary.rejected_total
