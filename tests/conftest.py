@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -34,10 +33,3 @@ def ingested(cohort, tmp_path_factory):
     summary = ingest.run(ingest.IngestParams(workers=2), cohort, cohort / "labels.csv", out,
                          quarantine_dir=out.parent / "quarantine", key=TEST_KEY)
     return out, summary
-
-
-@pytest.fixture
-def cohort_copy(cohort, tmp_path) -> Path:
-    dst = tmp_path / "synth"
-    shutil.copytree(cohort, dst)
-    return dst

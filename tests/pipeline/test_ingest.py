@@ -130,7 +130,7 @@ def _find_phi(blob: bytes, phi: set[str]) -> list[str]:
     for value in phi:
         needle = value.encode()
         if value.isdigit():  # dates/IDs: only as a whole number, not inside a longer digit run (a UID)
-            if re.search(rb"(?<![0-9])" + re.escape(needle) + rb"(?![0-9])", blob):
+            if needle in blob and re.search(rb"(?<![0-9])" + re.escape(needle) + rb"(?![0-9])", blob):
                 found.append(value)
         elif needle.lower() in lower:
             found.append(value)
@@ -218,7 +218,7 @@ def test_labels_join_by_each_key_type(cohort, ingested, tmp_path, key):
     out = tmp_path / "out"
     shutil.copytree(out_study, out)  # a labels change on an ingested export: reruns from the cache
     summary = ingest.run(ingest.IngestParams(workers=1), cohort, labels, out, key=TEST_KEY)
-    assert summary.run["new_files"] == 0
+    assert summary.run["new_files"] == 1  # only the cohort's own labels.csv, now an input file like any other
     got = pd.read_parquet(out / "manifest.parquet")[["image_id", "label"]]
     assert summary.label_key == key
     pd.testing.assert_frame_equal(got.sort_values("image_id").reset_index(drop=True),
@@ -267,9 +267,10 @@ def test_incremental_rerun_after_new_arrivals_equals_full_run(tmp_path):
     assert {k: v for k, v in vars(second).items() if k != "run"} == {k: v for k, v in vars(full).items() if k != "run"}
 
 
-def test_interrupted_run_resumes_from_its_cache(cohort_copy, tmp_path):
+def test_interrupted_run_resumes_from_its_cache(cohort, ingested, tmp_path):
+    done, full = ingested
     out = tmp_path / "out"
-    full = ingest.run(ingest.IngestParams(workers=1), cohort_copy, cohort_copy / "labels.csv", out, key=TEST_KEY)
+    shutil.copytree(done, out)
     reference = pd.read_parquet(out / "manifest.parquet")
     # simulate a kill part-way: half the cache lines survive, the last one cut mid-write, no manifest yet
     cache = out / "cache" / "records.jsonl"
@@ -278,7 +279,7 @@ def test_interrupted_run_resumes_from_its_cache(cohort_copy, tmp_path):
     cache.write_text("\n".join(lines[:keep]) + "\n" + lines[keep][: len(lines[keep]) // 2])
     for name in ("manifest.parquet", "rejected.csv", "summary.json"):
         (out / name).unlink()
-    resumed = ingest.run(ingest.IngestParams(workers=1), cohort_copy, cohort_copy / "labels.csv", out, key=TEST_KEY)
+    resumed = ingest.run(ingest.IngestParams(workers=2), cohort, cohort / "labels.csv", out, key=TEST_KEY)
     assert 0 < resumed.run["new_files"] < full.files_seen
     pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), reference)
 
