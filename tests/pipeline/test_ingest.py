@@ -428,3 +428,30 @@ def test_pydicom_test_files_each_ingested_or_rejected_sensibly(pydicom_testfiles
     # every category of trouble in the set shows up in the summary
     assert {"corrupt", "dicomdir", "non_image", "not_dicom", "duplicate"} <= set(summary.rejected)
     assert {"volume", "multiframe", "2d"} <= set(manifest["unit"])
+
+
+def _slice(z: float, rows: int = 16, orientation=(1, 0, 0, 0, 1, 0)) -> ingest.FileRecord:
+    return ingest.FileRecord(content_hash=f"h{z}{rows}", rows=rows, cols=16, pixel_spacing=[0.7, 0.7],
+                             orientation=list(orientation), position=[0.0, 0.0, z], output=f"o{z}")
+
+
+@pytest.mark.parametrize(
+    ("zs", "rows", "problem"),
+    [([0, 2.5, 5, 7.5], [16] * 4, ""),
+     ([7.5, 0, 5, 2.5], [16] * 4, ""),  # file order is not slice order
+     ([0, 2.5, 5, 7.5], [16, 16, 20, 16], "mixed image sizes 16x16, 20x16"),
+     ([0, 2.5, 2.5, 5], [16] * 4, "1 duplicate slice position"),
+     ([0, 2.5, 7.5, 10], [16] * 4, "gap of 5.00 mm where slices are 2.50 mm apart")],
+)
+def test_volume_checks(zs, rows, problem):
+    files = [(f"f{i}", _slice(z, r)) for i, (z, r) in enumerate(zip(zs, rows))]
+    got, ordered, spacing = ingest._check_volume(files, ingest.IngestParams())
+    assert got.startswith(problem) if problem else got == ""
+    if not problem:
+        assert [r.position[2] for _, r in ordered] == sorted(zs) and spacing == pytest.approx(2.5)
+
+
+def test_a_series_with_two_orientations_is_inconsistent():
+    files = [(f"f{i}", _slice(z)) for i, z in enumerate([0, 2.5, 5])]
+    files.append(("f3", _slice(7.5, orientation=(0, 1, 0, 0, 0, -1))))
+    assert "orientations" in ingest._check_volume(files, ingest.IngestParams())[0]
