@@ -136,6 +136,9 @@ class FileRecord:
     transfer_syntax: str = ""
 
 
+BREAKDOWN_KEYS = ("by_modality", "by_site", "by_label", "by_transfer_syntax")
+
+
 @dataclass
 class IngestSummary:
     files_seen: int
@@ -790,7 +793,11 @@ def run(
             f"accounting error: {summary.files_seen} files seen but {summary.ingested} ingested + "
             f"{summary.rejected_total} rejected"
         )
-    atomic_write_text(out_dir / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
+    # summary.json: the counts (DVC metrics); breakdown.json: the per-modality/site/label/syntax tables
+    record = asdict(summary)
+    breakdown = {k: record.pop(k) for k in BREAKDOWN_KEYS}
+    atomic_write_text(out_dir / "summary.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out_dir / "breakdown.json", json.dumps(breakdown, indent=2) + "\n")
     log.info(
         "ingest: %d files seen, %d ingested into %d images (%d patients), %d rejected %s; %d new, %.1fs",
         summary.files_seen, summary.ingested, summary.images, summary.patients, summary.rejected_total,

@@ -66,6 +66,9 @@ def test_every_file_is_accounted_for_exactly_once(cohort, ingested):
     assert set(rejected) <= raw
     assert summary.ingested == int(manifest["n_files"].sum()) == len(raw) - len(rejected)
     assert on_disk["rejected"] == summary.rejected and sum(summary.rejected.values()) == len(rejected)
+    breakdown = json.loads((out / "breakdown.json").read_text())
+    assert sum(breakdown["by_label"].values()) == sum(breakdown["by_modality"].values()) == summary.images == len(manifest)
+    assert sum(breakdown["by_transfer_syntax"].values()) == summary.ingested
     # every manifest path exists, once
     paths = [p for paths in manifest["paths"] for p in paths]
     assert len(paths) == len(set(paths)) == summary.ingested
