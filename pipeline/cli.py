@@ -45,6 +45,15 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from pipeline import preprocess
+
+    params = load_section(preprocess.PreprocessParams, args.params, "preprocess", workers=args.workers)
+    summary = preprocess.run(params, Path(args.ingest), Path(args.out))
+    print(f"preprocess: {summary.images} images -> {summary.shape} float16, {summary.rejected} rejected")
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from pipeline import deid
 
@@ -77,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quarantine", help="directory to link rejected files into (keep it out of DVC outputs)")
     p.add_argument("--workers", type=int, help="processes (params ingest.workers; 0 = all cores)")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("preprocess", help="turn ingested images into fixed-size tensors + index + fingerprint")
+    p.add_argument("--ingest", required=True, help="ingest output directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--workers", type=int, help="processes (params preprocess.workers; 0 = all cores)")
+    p.set_defaults(func=_cmd_preprocess)
 
     p = sub.add_parser("keygen", help="create a local pseudonymisation key file")
     p.add_argument("--path", default=".medtl/pseudonym.key", help="where to write it (default: %(default)s)")

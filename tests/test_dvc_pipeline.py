@@ -37,13 +37,16 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_synth_and_ingest_then_is_a_no_op(project):
+def test_dvc_repro_runs_the_stages_then_is_a_no_op(project):
     first = _dvc(project, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
     summary = json.loads((project / "data/interim/ingest/summary.json").read_text())
     assert summary["files_seen"] == summary["ingested"] + sum(summary["rejected"].values())
     assert summary["patients"] > 0 and (project / "data/interim/ingest/manifest.parquet").is_file()
     assert (project / "dvc.lock").is_file()
+    fingerprint = json.loads((project / "data/processed/images/fingerprint.json").read_text())
+    assert fingerprint["tensor"]["shape"][0] == fingerprint["images"] > 0
+    assert (project / "data/processed/images/tensors.npy").stat().st_size > 0
 
     second = _dvc(project, "repro")
     assert second.returncode == 0, second.stderr

@@ -1,0 +1,424 @@
+"""Patient-level train/val/test split with duplicate-aware grouping.
+
+Inputs are the preprocess stage's ``index.parquet`` (one row per image: ``row`` into the tensor
+array, ``image_id``, ``patient_key``, ``label``, ``site``, ...) and ``tensors.npy`` ((N, C, H, W),
+memory-mapped, read in chunks).
+
+Leakage guards:
+
+* a patient never spans two splits (the split unit is a patient, never an image);
+* images with identical pixel content (exact duplicates: hash of the bytes) and near-duplicates
+  (64-bit perceptual hashes within ``near_duplicate_distance`` bits) form duplicate groups; patients
+  linked by a shared duplicate group (also transitively) are merged into one indivisible unit with
+  a union-find, so a duplicate group never spans two splits either.
+
+Units are assigned by a stratified greedy pass: per stratum (the unit's majority label, or
+(label, site)), units are shuffled with the seed, ordered largest first, and each goes to the split
+that is furthest below its target patient count in that stratum. Rounding left over by one stratum
+is carried into the targets of the next, so many small strata still meet the global fractions.
+With ``kfold >= 2`` the same procedure deals the train+val units into k equal folds.
+
+Outputs: ``splits.csv`` (image_id, patient_key, label, site, split[, fold], sorted by image_id) and
+``split_summary.json``, both written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.io_utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+REQUIRED_COLUMNS: tuple[str, ...] = ("row", "image_id", "patient_key", "label", "site")
+CSV_COLUMNS: tuple[str, ...] = ("image_id", "patient_key", "label", "site", "split")
+
+_CHUNK_BYTES = 64 * 1024 * 1024  # tensor bytes read per chunk while hashing
+_BLOCK_ELEMENTS = 4_000_000  # uint64 XORs per block in the near-duplicate search
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: int = 0
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15  # train + val + test must be 1
+    stratify_by_site: bool = False  # stratify by (label, site) instead of label
+    kfold: int = 0  # 0/1 = off; k >= 2 adds a fold column (0..k-1) to train+val rows, test rows get -1
+    near_duplicate_distance: int = 4  # max Hamming distance between 64-bit phashes; -1 disables
+
+    def __post_init__(self) -> None:
+        fractions = {"train": self.train, "val": self.val, "test": self.test}
+        for name, value in fractions.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"split fraction {name}={value!r} is not a finite number")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"split fraction {name}={value!r} is outside [0, 1]")
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"split fractions train={self.train} val={self.val} test={self.test} sum to {total:g}, not 1"
+            )
+        if isinstance(self.kfold, bool) or not isinstance(self.kfold, int) or self.kfold < 0:
+            raise ValueError(f"kfold={self.kfold!r} must be an integer >= 0 (0 or 1 = off)")
+        if self.kfold >= 2 and self.train + self.val <= 0:
+            raise ValueError(f"kfold={self.kfold} needs train+val > 0 (train={self.train} val={self.val})")
+        d = self.near_duplicate_distance
+        if isinstance(d, bool) or not isinstance(d, int) or not -1 <= d <= 64:
+            raise ValueError(f"near_duplicate_distance={d!r} must be an integer in [-1, 64] (-1 disables)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an integer")
+
+
+@dataclass
+class SplitSummary:
+    images: dict[str, int]
+    patients: dict[str, int]
+    labels: dict[str, dict[str, int]]
+    patients_in_multiple_splits: int
+    duplicate_groups_exact: int
+    duplicate_groups_near: int
+    duplicate_images: int
+    cross_patient_duplicate_groups: int
+    seed: int
+    kfold: int
+
+
+# --------------------------------------------------------------------------- union-find
+
+
+class _UnionFind:
+    def __init__(self, items: Iterable = ()) -> None:
+        self.parent: dict = {}
+        for item in items:
+            self.parent.setdefault(item, item)
+
+    def add(self, item) -> None:
+        self.parent.setdefault(item, item)
+
+    def find(self, item):
+        parent = self.parent
+        root = item
+        while parent[root] != root:
+            root = parent[root]
+        while parent[item] != root:  # path compression
+            parent[item], item = root, parent[item]
+        return root
+
+    def union(self, a, b) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def components(self) -> list[list]:
+        members: dict = defaultdict(list)
+        for item in self.parent:
+            members[self.find(item)].append(item)
+        return [sorted(m) for m in members.values()]
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+    return table[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
+def _phash64(image: np.ndarray) -> np.uint64:
+    """64-bit imagehash.phash of a (C, H, W) float image in [0, 1] (channel mean, 8-bit grey)."""
+    import imagehash
+    from PIL import Image
+
+    grey = np.nan_to_num(np.asarray(image, dtype=np.float32).mean(axis=0), nan=0.0)
+    pixels = np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8)
+    bits = imagehash.phash(Image.fromarray(pixels)).hash.reshape(-1)
+    return np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8")[0].astype(np.uint64)
+
+
+def _near_pairs(hashes: np.ndarray, near_distance: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Index pairs (i < j) whose hashes differ in at most ``near_distance`` bits, block by block."""
+    m = len(hashes)
+    block = max(1, _BLOCK_ELEMENTS // max(m, 1))
+    for start in range(0, m, block):
+        stop = min(m, start + block)
+        dist = _popcount64(hashes[start:stop, None] ^ hashes[None, :])
+        close = dist <= near_distance
+        # keep only j > i (the upper triangle) so each pair appears once and never with itself
+        close &= np.arange(m)[None, :] > np.arange(start, stop)[:, None]
+        ii, jj = np.nonzero(close)
+        if len(ii):
+            yield ii + start, jj
+
+
+def find_duplicate_groups(
+    tensors, near_distance: int, *, rows: Sequence[int] | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Exact and near-duplicate groups among the images of ``tensors`` ((N, C, H, W), may be a memmap).
+
+    Rows with identical pixel content (a hash of the bytes) form exact groups. Each distinct content
+    gets a perceptual hash (``imagehash.phash`` of the channel-mean image converted to 8-bit); contents
+    within ``near_distance`` bits are linked and the connected components with at least two distinct
+    contents are the near groups (holding every row of those contents, so exact copies of a member are
+    members too). A component made only of exact copies is not a near group. ``near_distance=-1``
+    disables the near search. ``rows`` limits the search to those row numbers (default: all).
+
+    Returns ``(exact_groups, near_groups)``: lists of sorted row lists of size >= 2, in order of their
+    first row. The array is read in chunks, never whole.
+    """
+    n = len(tensors)
+    if rows is None:
+        wanted = np.arange(n)
+    else:
+        wanted = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(wanted) and (wanted[0] < 0 or wanted[-1] >= n):
+            raise ValueError(f"rows out of range of the tensor array ({n} images)")
+    near = near_distance >= 0
+    row_bytes = max(1, int(np.prod(tensors.shape[1:])) * tensors.dtype.itemsize)
+    chunk = max(1, _CHUNK_BYTES // row_bytes)
+
+    content_of: dict[bytes, int] = {}  # digest -> content id
+    content_rows: list[list[int]] = []
+    content_hash: list[np.uint64] = []
+    for start in range(0, len(wanted), chunk):
+        picked = wanted[start : start + chunk]
+        # contiguous slices read straight from the memmap; scattered rows one at a time
+        if picked[-1] - picked[0] + 1 == len(picked):
+            block = np.asarray(tensors[picked[0] : picked[-1] + 1])
+        else:
+            block = np.stack([np.asarray(tensors[r]) for r in picked])
+        for r, image in zip(picked.tolist(), block):
+            digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+            cid = content_of.get(digest)
+            if cid is None:
+                cid = content_of[digest] = len(content_rows)
+                content_rows.append([])
+                if near:
+                    content_hash.append(_phash64(image))
+            content_rows[cid].append(r)
+
+    exact = [sorted(rs) for rs in content_rows if len(rs) >= 2]
+    near_groups: list[list[int]] = []
+    if near and len(content_hash) >= 2:
+        uf = _UnionFind(range(len(content_hash)))
+        for ii, jj in _near_pairs(np.asarray(content_hash, dtype=np.uint64), near_distance):
+            for i, j in zip(ii.tolist(), jj.tolist()):
+                uf.union(i, j)
+        for component in uf.components():
+            if len(component) >= 2:
+                near_groups.append(sorted(r for cid in component for r in content_rows[cid]))
+    exact.sort()
+    near_groups.sort()
+    return exact, near_groups
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+def _greedy(sizes: np.ndarray, strata: list, fractions: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """Bin per unit: seeded shuffle, then per stratum largest-first to the bin furthest below target.
+
+    Targets are in unit size (patients). The rounding deficit of each stratum carries into the next
+    stratum's targets so the global fractions hold even with many small strata.
+    """
+    n_units = len(sizes)
+    fr = np.asarray(fractions, dtype=np.float64)
+    usable = fr > 0
+    result = np.full(n_units, -1, dtype=np.int64)
+    by_stratum: dict = defaultdict(list)
+    for u in rng.permutation(n_units).tolist():
+        by_stratum[strata[u]].append(u)
+    stratum_total = {s: int(sizes[us].sum()) for s, us in by_stratum.items()}
+    assigned = np.zeros(len(fr))
+    processed = 0.0
+    for s in sorted(by_stratum, key=lambda s: (-stratum_total[s], s)):
+        units = sorted(by_stratum[s], key=lambda u: -sizes[u])  # stable: shuffle breaks ties
+        total = stratum_total[s]
+        target = fr * total + (fr * processed - assigned)
+        current = np.zeros(len(fr))
+        for u in units:
+            deficit = np.where(usable, target - current, -np.inf)
+            b = int(np.argmax(deficit))
+            current[b] += sizes[u]
+            result[u] = b
+        assigned += current
+        processed += total
+    return result
+
+
+def _majority(values: list[tuple]) -> tuple:
+    counts = Counter(values)
+    return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+
+def assign_splits(index: pd.DataFrame, params: SplitParams, groups: list[list[int]]) -> pd.DataFrame:
+    """``index`` with a ``split`` column (train/val/test) and, when ``kfold >= 2``, a ``fold`` column.
+
+    Pure. ``groups`` are duplicate groups of tensor row numbers (the ``row`` column); rows not in the
+    index are ignored. Patients sharing a duplicate group (or a tensor row) are joined by union-find
+    into one unit, so neither a patient nor a duplicate group spans two splits (or folds). Units are
+    dealt by :func:`_greedy`, stratified by the unit's majority label (or (label, site)). Deterministic
+    for a seed.
+    """
+    missing = [c for c in ("row", "patient_key", "label") if c not in index.columns]
+    if params.stratify_by_site and "site" not in index.columns:
+        missing.append("site")
+    if missing:
+        raise ValueError(f"index is missing column(s) {missing}")
+    out = index.copy()
+    if out.empty:
+        out["split"] = pd.Series(dtype=object)
+        if params.kfold >= 2:
+            out["fold"] = pd.Series(dtype=np.int64)
+        return out
+
+    patients = out["patient_key"].astype(str).tolist()
+    rows = out["row"].astype(np.int64).tolist()
+    labels = out["label"].astype(str).tolist()
+    sites = out["site"].astype(str).tolist() if params.stratify_by_site else [""] * len(out)
+
+    uf = _UnionFind(patients)
+    patients_of_row: dict[int, list[str]] = defaultdict(list)
+    for r, p in zip(rows, patients):
+        patients_of_row[r].append(p)
+    linked = list(groups) + [[r] for r, ps in patients_of_row.items() if len(ps) > 1]
+    for group in linked:
+        members = [p for r in group for p in patients_of_row.get(int(r), ())]
+        for p in members[1:]:
+            uf.union(members[0], p)
+
+    units = sorted(uf.components())  # canonical order (sorted by first patient key)
+    unit_of = {p: u for u, members in enumerate(units) for p in members}
+    sizes = np.array([len(m) for m in units], dtype=np.int64)
+    keys_per_unit: list[list[tuple]] = [[] for _ in units]
+    for p, lab, site in zip(patients, labels, sites):
+        keys_per_unit[unit_of[p]].append((lab, site) if params.stratify_by_site else (lab,))
+    strata = [_majority(k) for k in keys_per_unit]
+
+    rng = np.random.default_rng(params.seed)
+    bins = _greedy(sizes, strata, (params.train, params.val, params.test), rng)
+    row_unit = np.array([unit_of[p] for p in patients], dtype=np.int64)
+    out["split"] = np.asarray(SPLITS, dtype=object)[bins[row_unit]]
+
+    if params.kfold >= 2:
+        k = params.kfold
+        folds = np.full(len(units), -1, dtype=np.int64)
+        dev = np.flatnonzero(bins != SPLITS.index("test"))
+        if len(dev):
+            folds[dev] = _greedy(sizes[dev], [strata[u] for u in dev], [1.0 / k] * k, rng)
+        out["fold"] = folds[row_unit]
+    return out
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def _summarise(
+    result: pd.DataFrame, exact: list[list[int]], near: list[list[int]], params: SplitParams
+) -> SplitSummary:
+    images = {s: int((result["split"] == s).sum()) for s in SPLITS}
+    patients = {s: int(result.loc[result["split"] == s, "patient_key"].astype(str).nunique()) for s in SPLITS}
+    labels: dict[str, dict[str, int]] = {}
+    for s in SPLITS:
+        counts = result.loc[result["split"] == s, "label"].astype(str).value_counts()
+        labels[s] = {str(k): int(v) for k, v in sorted(counts.items())}
+    per_patient = result.groupby(result["patient_key"].astype(str))["split"].nunique()
+    patients_of_row: dict[int, set[str]] = defaultdict(set)
+    for r, p in zip(result["row"].astype(np.int64).tolist(), result["patient_key"].astype(str).tolist()):
+        patients_of_row[r].add(p)
+    dup_rows: set[int] = set()
+    cross = 0
+    for group in [*exact, *near]:
+        in_index = [r for r in group if r in patients_of_row]
+        dup_rows.update(in_index)
+        if len(set().union(*(patients_of_row[r] for r in in_index))) > 1:
+            cross += 1
+    return SplitSummary(
+        images=images,
+        patients=patients,
+        labels=labels,
+        patients_in_multiple_splits=int((per_patient > 1).sum()),
+        duplicate_groups_exact=len(exact),
+        duplicate_groups_near=len(near),
+        duplicate_images=len(dup_rows),
+        cross_patient_duplicate_groups=cross,
+        seed=params.seed,
+        kfold=params.kfold,
+    )
+
+
+def _read_index(index_path: Path) -> pd.DataFrame:
+    index = pd.read_parquet(index_path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in index.columns]
+    if missing:
+        raise ValueError(f"{index_path}: missing column(s) {', '.join(missing)}")
+    if index.empty:
+        raise ValueError(f"{index_path}: index is empty (no images to split)")
+    if index["row"].isna().any():
+        raise ValueError(f"{index_path}: column 'row' has missing values")
+    row = pd.to_numeric(index["row"], errors="coerce")
+    if row.isna().any() or not np.all(np.equal(np.mod(row.to_numpy(dtype=np.float64), 1), 0)):
+        raise ValueError(f"{index_path}: column 'row' must hold integer row numbers")
+    index = index.copy()
+    index["row"] = row.astype(np.int64)
+    for column in ("image_id", "patient_key", "label"):
+        if index[column].isna().any():
+            raise ValueError(f"{index_path}: column {column!r} has missing values")
+    return index
+
+
+def run(params: SplitParams, index_path: Path, tensors_path: Path, out_dir: Path) -> SplitSummary:
+    """Split the preprocessed images by patient; write ``splits.csv`` and ``split_summary.json``."""
+    index_path, tensors_path, out_dir = Path(index_path), Path(tensors_path), Path(out_dir)
+    index = _read_index(index_path)
+    tensors = np.load(tensors_path, mmap_mode="r")
+    if tensors.ndim != 4:
+        raise ValueError(f"{tensors_path}: expected an (N, C, H, W) array, got shape {tensors.shape}")
+    n = tensors.shape[0]
+    bad = index["row"][(index["row"] < 0) | (index["row"] >= n)]
+    if len(bad):
+        raise ValueError(
+            f"{index_path}: {len(bad)} row(s) out of range of {tensors_path} ({n} images), "
+            f"e.g. {bad.head(3).tolist()}"
+        )
+
+    if params.near_duplicate_distance >= 0:
+        log.info("split: hashing %d images (near-duplicate distance %d)", index["row"].nunique(),
+                 params.near_duplicate_distance)
+    exact, near = find_duplicate_groups(tensors, params.near_duplicate_distance, rows=index["row"].tolist())
+    result = assign_splits(index, params, [*exact, *near])
+    summary = _summarise(result, exact, near, params)
+    if summary.patients_in_multiple_splits:
+        raise RuntimeError(f"split: {summary.patients_in_multiple_splits} patient(s) span several splits")
+
+    columns = list(CSV_COLUMNS) + (["fold"] if params.kfold >= 2 else [])
+    table = result.assign(_row=result["row"]).sort_values(["image_id", "_row"], kind="mergesort")[columns]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "splits.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / "split_summary.json", json.dumps(asdict(summary), indent=2, sort_keys=True) + "\n")
+
+    log.info(
+        "split: %d images / %d patients -> train %d/%d, val %d/%d, test %d/%d (images/patients)",
+        len(result), sum(summary.patients.values()),
+        summary.images["train"], summary.patients["train"], summary.images["val"], summary.patients["val"],
+        summary.images["test"], summary.patients["test"],
+    )
+    log.info(
+        "split: %d exact + %d near duplicate groups, %d images, %d cross-patient groups; %d patients in several splits",
+        summary.duplicate_groups_exact, summary.duplicate_groups_near, summary.duplicate_images,
+        summary.cross_patient_duplicate_groups, summary.patients_in_multiple_splits,
+    )
+    return summary
