@@ -54,6 +54,18 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_split(args: argparse.Namespace) -> int:
+    from pipeline import split
+
+    params = load_section(split.SplitParams, args.params, "split")
+    images = Path(args.images)
+    summary = split.run(params, images / "index.parquet", images / "tensors.npy", Path(args.out))
+    print(f"split: images {summary.images}, patients {summary.patients}, duplicate groups "
+          f"{summary.duplicate_groups_exact} exact / {summary.duplicate_groups_near} near, "
+          f"patients in more than one split: {summary.patients_in_multiple_splits}")
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from pipeline import deid
 
@@ -92,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--workers", type=int, help="processes (params preprocess.workers; 0 = all cores)")
     p.set_defaults(func=_cmd_preprocess)
+
+    p = sub.add_parser("split", help="patient-level train/val/test assignment, duplicates kept together")
+    p.add_argument("--images", required=True, help="preprocess output directory (index.parquet, tensors.npy)")
+    p.add_argument("--out", required=True, help="output directory (splits.csv, split_summary.json)")
+    p.set_defaults(func=_cmd_split)
 
     p = sub.add_parser("keygen", help="create a local pseudonymisation key file")
     p.add_argument("--path", default=".medtl/pseudonym.key", help="where to write it (default: %(default)s)")

@@ -143,7 +143,7 @@ def _phash64(image: np.ndarray) -> np.uint64:
     import imagehash
     from PIL import Image
 
-    grey = np.nan_to_num(np.asarray(image, dtype=np.float32).mean(axis=0), nan=0.0)
+    grey = np.nan_to_num(np.asarray(image).mean(axis=0, dtype=np.float32), nan=0.0)
     pixels = np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8)
     bits = imagehash.phash(Image.fromarray(pixels)).hash.reshape(-1)
     return np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8")[0].astype(np.uint64)

@@ -47,6 +47,9 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(project):
     fingerprint = json.loads((project / "data/processed/images/fingerprint.json").read_text())
     assert fingerprint["tensor"]["shape"][0] == fingerprint["images"] > 0
     assert (project / "data/processed/images/tensors.npy").stat().st_size > 0
+    split = json.loads((project / "data/processed/split_summary.json").read_text())
+    assert split["patients_in_multiple_splits"] == 0
+    assert sum(split["images"].values()) == fingerprint["images"]
 
     second = _dvc(project, "repro")
     assert second.returncode == 0, second.stderr
