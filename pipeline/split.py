@@ -57,6 +57,11 @@ class SplitParams:
     stratify_by_site: bool = False  # stratify by (label, site) instead of label
     kfold: int = 0  # 0/1 = off; k >= 2 adds a fold column (0..k-1) to train+val rows, test rows get -1
     near_duplicate_distance: int = 4  # max Hamming distance between 64-bit phashes; -1 disables
+    # A phash match is confirmed only if the 32x32 thumbnails differ by at most this mean absolute
+    # difference (images in [0, 1]): chest images of different patients from one site share so much
+    # coarse structure that their 64-bit phashes can be equal; real near-duplicates (re-exports,
+    # re-windowed or re-encoded copies, two reconstructions of one volume) are far closer pixel-wise.
+    near_duplicate_max_mad: float = 0.015
 
     def __post_init__(self) -> None:
         fractions = {"train": self.train, "val": self.val, "test": self.test}
@@ -77,6 +82,8 @@ class SplitParams:
         d = self.near_duplicate_distance
         if isinstance(d, bool) or not isinstance(d, int) or not -1 <= d <= 64:
             raise ValueError(f"near_duplicate_distance={d!r} must be an integer in [-1, 64] (-1 disables)")
+        if not 0.0 <= float(self.near_duplicate_max_mad) <= 1.0:
+            raise ValueError(f"near_duplicate_max_mad={self.near_duplicate_max_mad!r} must be in [0, 1]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer")
 
@@ -149,6 +156,21 @@ def _phash64(image: np.ndarray) -> np.uint64:
     return np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8")[0].astype(np.uint64)
 
 
+THUMBNAIL = 32
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) → (32, 32) float32 area-mean of the channel mean."""
+    grey = np.nan_to_num(np.asarray(image, dtype=np.float32).mean(axis=0), nan=0.0)
+    h, w = grey.shape
+    if h % THUMBNAIL == 0 and w % THUMBNAIL == 0:
+        return grey.reshape(THUMBNAIL, h // THUMBNAIL, THUMBNAIL, w // THUMBNAIL).mean(axis=(1, 3))
+    rows = np.array_split(np.arange(h), THUMBNAIL)
+    cols = np.array_split(np.arange(w), THUMBNAIL)
+    return np.array([[grey[np.ix_(r, c)].mean() if len(r) and len(c) else 0.0 for c in cols] for r in rows],
+                    dtype=np.float32)
+
+
 def _near_pairs(hashes: np.ndarray, near_distance: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """Index pairs (i < j) whose hashes differ in at most ``near_distance`` bits, block by block."""
     m = len(hashes)
@@ -165,13 +187,14 @@ def _near_pairs(hashes: np.ndarray, near_distance: int) -> Iterable[tuple[np.nda
 
 
 def find_duplicate_groups(
-    tensors, near_distance: int, *, rows: Sequence[int] | None = None
+    tensors, near_distance: int, *, rows: Sequence[int] | None = None, max_mad: float = 0.015
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Exact and near-duplicate groups among the images of ``tensors`` ((N, C, H, W), may be a memmap).
 
     Rows with identical pixel content (a hash of the bytes) form exact groups. Each distinct content
     gets a perceptual hash (``imagehash.phash`` of the channel-mean image converted to 8-bit); contents
-    within ``near_distance`` bits are linked and the connected components with at least two distinct
+    within ``near_distance`` bits whose 32×32 thumbnails differ by at most ``max_mad`` (mean absolute
+    difference) are linked and the connected components with at least two distinct
     contents are the near groups (holding every row of those contents, so exact copies of a member are
     members too). A component made only of exact copies is not a near group. ``near_distance=-1``
     disables the near search. ``rows`` limits the search to those row numbers (default: all).
@@ -193,6 +216,7 @@ def find_duplicate_groups(
     content_of: dict[bytes, int] = {}  # digest -> content id
     content_rows: list[list[int]] = []
     content_hash: list[np.uint64] = []
+    thumbs: list[np.ndarray] = []
     for start in range(0, len(wanted), chunk):
         picked = wanted[start : start + chunk]
         # contiguous slices read straight from the memmap; scattered rows one at a time
@@ -208,6 +232,7 @@ def find_duplicate_groups(
                 content_rows.append([])
                 if near:
                     content_hash.append(_phash64(image))
+                    thumbs.append(_thumbnail(image))
             content_rows[cid].append(r)
 
     exact = [sorted(rs) for rs in content_rows if len(rs) >= 2]
@@ -216,7 +241,8 @@ def find_duplicate_groups(
         uf = _UnionFind(range(len(content_hash)))
         for ii, jj in _near_pairs(np.asarray(content_hash, dtype=np.uint64), near_distance):
             for i, j in zip(ii.tolist(), jj.tolist()):
-                uf.union(i, j)
+                if float(np.abs(thumbs[i] - thumbs[j]).mean()) <= max_mad:
+                    uf.union(i, j)
         for component in uf.components():
             if len(component) >= 2:
                 near_groups.append(sorted(r for cid in component for r in content_rows[cid]))
@@ -398,7 +424,8 @@ def run(params: SplitParams, index_path: Path, tensors_path: Path, out_dir: Path
     if params.near_duplicate_distance >= 0:
         log.info("split: hashing %d images (near-duplicate distance %d)", index["row"].nunique(),
                  params.near_duplicate_distance)
-    exact, near = find_duplicate_groups(tensors, params.near_duplicate_distance, rows=index["row"].tolist())
+    exact, near = find_duplicate_groups(tensors, params.near_duplicate_distance, rows=index["row"].tolist(),
+                                        max_mad=params.near_duplicate_max_mad)
     result = assign_splits(index, params, [*exact, *near])
     summary = _summarise(result, exact, near, params)
     if summary.patients_in_multiple_splits:

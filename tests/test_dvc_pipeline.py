@@ -49,6 +49,7 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(project):
     assert (project / "data/processed/images/tensors.npy").stat().st_size > 0
     split = json.loads((project / "data/processed/split_summary.json").read_text())
     assert split["patients_in_multiple_splits"] == 0
+    assert split["cross_patient_duplicate_groups"] == 0, "distinct synthetic patients were merged as duplicates"
     assert sum(split["images"].values()) == fingerprint["images"]
 
     second = _dvc(project, "repro")

@@ -208,6 +208,11 @@ def test_find_duplicate_groups_near_group_includes_exact_copies_float16():
     exact, near = find_duplicate_groups(images, 4)
     assert exact == [[2, 4]]
     assert near == [[2, 4, 5]]
+    # a phash match alone is not enough: a clearly different image with the same coarse layout
+    different = images.copy()
+    different[5] = np.clip(images[2].astype(np.float32) * 0.8 + 0.1, 0, 1).astype(np.float16)
+    exact, near = find_duplicate_groups(different, 64)  # every pair is a phash candidate here
+    assert near == [], "candidates must be confirmed pixel-wise"
     # unrelated smooth images are not near-duplicates of each other
     exact, near = find_duplicate_groups(images[:4], 4)
     assert exact == [] and near == []
