@@ -281,7 +281,9 @@ _WORK: tuple[Path, PreprocessParams] | None = None
 def _init(ingest_dir: Path, params: PreprocessParams) -> None:
     global _WORK
     _WORK = (ingest_dir, params)
-    torch.set_num_threads(1)
+    if params.workers != 1:  # parallelism comes from the processes: no thread oversubscription inside
+        torch.set_num_threads(1)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
 def _one(row: dict) -> tuple[np.ndarray | None, str, dict]:
