@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+#: names of the temporary files atomic_write_bytes leaves behind when a process is killed mid-write
+TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -17,7 +22,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

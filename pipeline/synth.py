@@ -63,7 +63,6 @@ import functools
 import json
 import logging
 import os
-import re
 import struct
 import zlib
 from collections import Counter
@@ -79,6 +78,7 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.sequence import Sequence
+from pipeline.io_utils import TMP_NAME, TMP_SUFFIX, atomic_write_bytes
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -107,8 +107,6 @@ SECONDARY_CAPTURE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
 DEFECT_BLOCK = 40  # every block of this many consecutive patients holds one patient per defect kind
 DEFECT_KINDS = ("junk", "truncated", "missing_slice", "duplicate", "sr", "burned_in")
 _CT_DEFECTS = frozenset({"missing_slice", "sr", "burned_in"})
-_TMP_SUFFIX = ".synth-tmp"
-_TMP_RE = re.compile(r"^\..+\.\d+\.synth-tmp$")
 
 # RNG stream ids: every draw comes from np.random.default_rng([seed, stream, ...indices]).
 _S_SITE, _S_DEFECT, _S_VARIETY, _S_PATIENT, _S_EXTRAS, _S_TS, _S_PIXELS, _S_NAMES, _S_LESION = range(1, 10)
@@ -1641,25 +1639,10 @@ def _junk_bytes(name: str, pt: PatientPlan, seed: int) -> bytes:
 # writing
 
 
-def _atomic_write(path: Path, data: bytes, *, durable: bool = False) -> None:
-    """Write to a temporary name in the same folder, then rename (atomic on one file system)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_if_changed(path: Path, data: bytes) -> None:
     if path.is_file() and path.read_bytes() == data:
         return
-    _atomic_write(path, data, durable=True)
+    atomic_write_bytes(path, data, durable=True)
 
 
 def _read_marker(out_dir: Path) -> dict | None:
@@ -1685,9 +1668,9 @@ def _marker_bytes(seed: int, defects: bool, patients: int, writing: int | None =
 
 def _remove_stale_temps(out_dir: Path) -> int:
     """Remove temporary files an interrupted run left (ours only: they match our naming pattern)."""
-    stale = [p for p in out_dir.glob(f".*{_TMP_SUFFIX}") if _TMP_RE.match(p.name)]
+    stale = [p for p in out_dir.glob(f".*{TMP_SUFFIX}") if TMP_NAME.match(p.name)]
     for folder, _, names in os.walk(out_dir / DICOM_DIR):
-        stale += [Path(folder) / name for name in names if _TMP_RE.match(name)]
+        stale += [Path(folder) / name for name in names if TMP_NAME.match(name)]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
@@ -1705,7 +1688,7 @@ def _write_cohort(out_dir: Path, seed: int, defects: bool, total: int, complete:
         if missing:
             todo.append((pt, missing))
     if todo:
-        _atomic_write(out_dir / MARKER_NAME, _marker_bytes(seed, defects, complete, writing=total), durable=True)
+        atomic_write_bytes(out_dir / MARKER_NAME, _marker_bytes(seed, defects, complete, writing=total), durable=True)
     written = 0
     made_dirs: set[Path] = set()
     for pt, missing in todo:
@@ -1716,7 +1699,7 @@ def _write_cohort(out_dir: Path, seed: int, defects: bool, total: int, complete:
             if path.parent not in made_dirs:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 made_dirs.add(path.parent)
-            _atomic_write(path, files[rel])
+            atomic_write_bytes(path, files[rel], durable=False)
             written += 1
     rows = ["study_instance_uid,label"] + [f"{st.uid},{st.label}" for pt in plans for st in pt.studies]
     _write_if_changed(out_dir / LABELS_NAME, ("\n".join(rows) + "\n").encode())

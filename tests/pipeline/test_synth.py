@@ -200,7 +200,7 @@ def test_rerun_writes_only_missing_files_and_refuses_other_cohorts(tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in files}
     victim = files[len(files) // 2]
     victim.unlink()
-    stale = victim.parent / f".{victim.name}.999.synth-tmp"  # what an interrupted write leaves
+    stale = victim.parent / f".{victim.name}.x7Yq2a.tmp"  # what an interrupted write leaves
     stale.write_bytes(b"half a file")
     synth.run(synth.SynthParams(patients=4, seed=5), root)
     assert _hashes(root) == reference and not stale.exists()
@@ -227,16 +227,16 @@ def test_an_interrupted_run_leaves_no_partial_files_and_is_completed(tmp_path, m
     reference = tmp_path / "reference"
     synth.run(synth.SynthParams(patients=5, seed=2), reference)
     root = tmp_path / "interrupted"
-    real_write, calls = synth._atomic_write, []
+    real_write, calls = synth.atomic_write_bytes, []
 
     def killed_on_the_40th_write(path, data, **kwargs):
         calls.append(path)
         if len(calls) == 40:  # killed after writing half the temporary file, before the rename
-            path.with_name(f".{path.name}.{os.getpid()}.synth-tmp").write_bytes(data[: len(data) // 2])
+            path.with_name(f".{path.name}.k1ll3d.tmp").write_bytes(data[: len(data) // 2])
             raise KeyboardInterrupt
         real_write(path, data, **kwargs)
 
-    monkeypatch.setattr(synth, "_atomic_write", killed_on_the_40th_write)
+    monkeypatch.setattr(synth, "atomic_write_bytes", killed_on_the_40th_write)
     with pytest.raises(KeyboardInterrupt):
         synth.run(synth.SynthParams(patients=5, seed=2), root)
     monkeypatch.undo()
