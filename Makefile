@@ -25,3 +25,4 @@ test: setup-dev
 
 bench: setup-dev
 	python benchmarks/bench_ingest.py
+	python benchmarks/bench_preprocess.py
