@@ -10,7 +10,9 @@ units with its geometry, then :func:`to_tensor` windows, reduces 3D to 2D, and r
   2.5D (slices ``slab_mm / 2`` either side of the key slice as three channels) or a maximum-intensity
   projection over a ``slab_mm`` slab around the key slice;
 * VOI per modality (``window``): a named preset in HU (:data:`WINDOW_PRESETS`), ``instance`` (the
-  file's own WindowCenter/Width) or ``percentile`` (the image's own ``percentiles``);
+  file's own WindowCenter/Width), ``percentile`` (the image's own ``percentiles``) or
+  ``dataset_percentile`` (the ``percentiles`` of the physical values of up to ``fingerprint_sample``
+  images per modality and site, computed in a first pass and written to the fingerprint);
   MONOCHROME1 images are inverted after windowing, so bright always means dense;
 * resized so the longest side is ``size`` keeping the physical aspect ratio, zero-padded to square,
   channels replicated to ``channels`` (3 for ImageNet backbones).
@@ -72,7 +74,8 @@ class PreprocessParams:
         spacing_mm: 3D resampling target (x, y, z) in mm.
         window: VOI per modality (preset name, ``instance`` or ``percentile``); key ``default``
             for the rest.
-        percentiles: (low, high) for ``percentile`` windowing.
+        percentiles: (low, high) for ``percentile`` / ``dataset_percentile`` windowing.
+        fingerprint_sample: images per (modality, site) sampled for ``dataset_percentile``.
         workers: processes; 0 = one per core.
     """
 
@@ -83,6 +86,7 @@ class PreprocessParams:
     spacing_mm: tuple[float, float, float] = (1.5, 1.5, 2.5)
     window: dict[str, str] = field(default_factory=lambda: {"CT": "lung", "default": "percentile"})
     percentiles: tuple[float, float] = (0.5, 99.5)
+    fingerprint_sample: int = 32
     workers: int = 0
 
     def __post_init__(self) -> None:
@@ -93,9 +97,9 @@ class PreprocessParams:
         if self.channels not in (1, 3):
             raise ValueError(f"preprocess.channels must be 1 or 3, got {self.channels}")
         for modality, choice in self.window.items():
-            if choice not in (*WINDOW_PRESETS, "instance", "percentile"):
-                raise ValueError(f"preprocess.window[{modality}]: unknown window {choice!r}; "
-                                 f"presets are {sorted(WINDOW_PRESETS)}, or 'instance' / 'percentile'")
+            if choice not in (*WINDOW_PRESETS, "instance", "percentile", "dataset_percentile"):
+                raise ValueError(f"preprocess.window[{modality}]: unknown window {choice!r}; presets are "
+                                 f"{sorted(WINDOW_PRESETS)}, or 'instance' / 'percentile' / 'dataset_percentile'")
 
     def window_for(self, modality: str) -> str:
         return self.window.get(modality, self.window.get("default", "percentile"))
@@ -217,10 +221,17 @@ def reduce_volume(volume: np.ndarray, z_spacing: float, how: str, slab_mm: float
     raise ValueError(f"unknown 3D reduction {how!r}")
 
 
-def window(values: np.ndarray, choice: str, image: Image, percentiles: tuple[float, float]) -> np.ndarray:
-    """Physical values → [0, 1] by the VOI ``choice``; MONOCHROME1 inverted afterwards."""
+def window(values: np.ndarray, choice: str, image: Image, percentiles: tuple[float, float],
+           dataset_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Physical values → [0, 1] by the VOI ``choice``; MONOCHROME1 inverted afterwards.
+
+    ``dataset_range`` is the (low, high) the fingerprint holds for this image's modality and site,
+    used by ``dataset_percentile`` (without it, the image's own percentiles are used).
+    """
     if choice in WINDOW_PRESETS:
         centre, width = WINDOW_PRESETS[choice]
+    elif choice == "dataset_percentile" and dataset_range is not None:
+        centre, width = (dataset_range[0] + dataset_range[1]) / 2, max(dataset_range[1] - dataset_range[0], 1e-6)
     elif choice == "instance" and image.window is not None:
         centre, width = image.window
     else:  # percentile, or an instance window the file does not have
@@ -256,14 +267,15 @@ def load_unit(row: dict, ingest_dir: Path, params: PreprocessParams) -> Image:
     return read_2d(paths[0])
 
 
-def to_tensor(image: Image, modality: str, params: PreprocessParams) -> np.ndarray:
+def to_tensor(image: Image, modality: str, params: PreprocessParams,
+              dataset_range: tuple[float, float] | None = None) -> np.ndarray:
     """Image → (channels, size, size) float32 in [0, 1]."""
     if image.array.ndim == 3:
         planes = reduce_volume(image.array, image.spacing[2], params.reduce_3d, params.slab_mm)
     else:
         planes = image.array[None]
     choice = params.window_for(modality)
-    windowed = np.stack([window(p, choice, image, params.percentiles) for p in planes])
+    windowed = np.stack([window(p, choice, image, params.percentiles, dataset_range) for p in planes])
     tensor = fit(windowed, (image.spacing[0], image.spacing[1]), params.size)
     if params.channels == 3 and tensor.shape[0] == 1:
         tensor = np.repeat(tensor, 3, axis=0)
@@ -275,12 +287,16 @@ def to_tensor(image: Image, modality: str, params: PreprocessParams) -> np.ndarr
 # --------------------------------------------------------------------------------------------------
 # the stage
 
-_WORK: tuple[Path, PreprocessParams] | None = None
+_WORK: tuple[Path, PreprocessParams, dict[str, tuple[float, float]]] | None = None
 
 
-def _init(ingest_dir: Path, params: PreprocessParams) -> None:
+def _group(row: dict) -> str:
+    return f"{row['modality']}|{row['site']}"
+
+
+def _init(ingest_dir: Path, params: PreprocessParams, ranges: dict[str, tuple[float, float]] | None = None) -> None:
     global _WORK
-    _WORK = (ingest_dir, params)
+    _WORK = (ingest_dir, params, ranges or {})
     if params.workers != 1:  # parallelism comes from the processes: no thread oversubscription inside
         torch.set_num_threads(1)
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
@@ -288,10 +304,10 @@ def _init(ingest_dir: Path, params: PreprocessParams) -> None:
 
 def _one(row: dict) -> tuple[np.ndarray | None, str, dict]:
     assert _WORK is not None
-    ingest_dir, params = _WORK
+    ingest_dir, params, ranges = _WORK
     try:
         image = load_unit(row, ingest_dir, params)
-        tensor = to_tensor(image, row["modality"], params)
+        tensor = to_tensor(image, row["modality"], params, ranges.get(_group(row)))
     except PreprocessError as exc:
         return None, str(exc), {}
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
@@ -325,16 +341,17 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path) -> Preprocess
     tmp = out_dir / ".tensors.npy.tmp"
     tensors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
     workers = params.workers or os.cpu_count() or 1
+    ranges = _dataset_ranges(rows, ingest_dir, params, workers)
     kept: list[int] = []
     rejected: list[tuple[str, str]] = []
     spacings: dict[str, list] = {}
     samples: dict[str, list] = {}
     bar = tqdm(total=len(rows), desc="preprocess", unit="image", disable=None, mininterval=1.0)
     if workers <= 1:
-        _init(ingest_dir, params)
+        _init(ingest_dir, params, ranges)
         results = map(_one, rows)
     else:
-        pool = ProcessPoolExecutor(workers, initializer=_init, initargs=(ingest_dir, params))
+        pool = ProcessPoolExecutor(workers, initializer=_init, initargs=(ingest_dir, params, ranges))
         results = pool.map(_one, rows, chunksize=4)
     try:
         for i, (tensor, reason, stats) in enumerate(results):
@@ -381,6 +398,7 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path) -> Preprocess
                                                       np.concatenate(samples[m]), [0.5, 5, 50, 95, 99.5])]))}
             for m in sorted(spacings)
         },
+        "dataset_windows": {group: [round(lo, 3), round(hi, 3)] for group, (lo, hi) in sorted(ranges.items())},
         "rejected": len(rejected),
     }
     atomic_write_text(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=2) + "\n")
@@ -390,6 +408,47 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path) -> Preprocess
     log.info("preprocess: %d images → %s, %d rejected, %.1fs", summary.images, summary.shape, summary.rejected,
              summary.seconds)
     return summary
+
+
+def _sample_values(row: dict) -> np.ndarray | None:
+    assert _WORK is not None
+    ingest_dir, params, _ = _WORK
+    try:
+        image = load_unit(row, ingest_dir, params)
+    except Exception:  # noqa: BLE001 - the main pass reports it
+        return None
+    values = image.array.ravel()
+    return values[:: max(1, values.size // 20000)].astype(np.float32)
+
+
+def _dataset_ranges(rows: list[dict], ingest_dir: Path, params: PreprocessParams,
+                    workers: int) -> dict[str, tuple[float, float]]:
+    """First pass for ``dataset_percentile``: percentiles of physical values per (modality, site)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if params.window_for(row["modality"]) == "dataset_percentile":
+            groups.setdefault(_group(row), []).append(row)
+    if not groups:
+        return {}
+    sample = []
+    for group_rows in groups.values():  # evenly spaced, deterministic
+        picks = np.linspace(0, len(group_rows) - 1, min(len(group_rows), params.fingerprint_sample)).round()
+        sample += [group_rows[int(i)] for i in np.unique(picks)]
+    if workers <= 1:
+        _init(ingest_dir, params)
+        values = list(map(_sample_values, sample))
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init, initargs=(ingest_dir, params)) as pool:
+            values = list(pool.map(_sample_values, sample, chunksize=2))
+    pooled: dict[str, list[np.ndarray]] = {}
+    for row, vals in zip(sample, values):
+        if vals is not None:
+            pooled.setdefault(_group(row), []).append(vals)
+    ranges = {}
+    for group, chunks in pooled.items():
+        lo, hi = np.percentile(np.concatenate(chunks), params.percentiles)
+        ranges[group] = (float(lo), float(hi))
+    return ranges
 
 
 def _finish_array(tmp: Path, final: Path, n_kept: int, shape: tuple[int, ...]) -> None:

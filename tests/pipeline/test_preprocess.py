@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,16 @@ def test_window_presets_map_known_hu_to_known_intensities():
     np.testing.assert_allclose(lung[:3], [0.0, 0.5, 1.0])
     mediastinum = preprocess.window(hu, "mediastinum", image, (0.5, 99.5))
     np.testing.assert_allclose(mediastinum[3:], [0.5, 0.0, 1.0])
+
+
+def test_dataset_percentile_window_keeps_relative_brightness():
+    dark = Image(np.linspace(100, 500, 100), (1, 1), (0, 0), (1, 0, 0, 1))
+    bright = Image(np.linspace(500, 900, 100), (1, 1), (0, 0), (1, 0, 0, 1))
+    per_image = [preprocess.window(im.array, "percentile", im, (0, 100)).mean() for im in (dark, bright)]
+    assert per_image[0] == pytest.approx(per_image[1]), "per-image percentiles equalise the two"
+    dataset = [preprocess.window(im.array, "dataset_percentile", im, (0, 100), (100.0, 900.0)) for im in (dark, bright)]
+    assert dataset[0].mean() == pytest.approx(0.25) and dataset[1].mean() == pytest.approx(0.75)
+    assert dataset[0].min() == 0.0 and dataset[1].max() == 1.0
 
 
 def test_instance_window_and_monochrome1_inversion():
@@ -138,7 +149,8 @@ def test_bad_params_are_named():
 @pytest.mark.slow
 def test_stage_on_the_synthetic_cohort(ingested, tmp_path):
     ingest_dir, ingest_summary = ingested
-    params = PreprocessParams(size=64, workers=2)
+    params = PreprocessParams(size=64, workers=2, window={"CT": "lung", "default": "dataset_percentile"},
+                              fingerprint_sample=4)
     summary = preprocess.run(params, ingest_dir, tmp_path / "a")
     tensors = np.load(tmp_path / "a" / "tensors.npy", mmap_mode="r")
     index = pd.read_parquet(tmp_path / "a" / "index.parquet")
@@ -151,7 +163,10 @@ def test_stage_on_the_synthetic_cohort(ingested, tmp_path):
     assert {"CT", "DX", "CR"} <= set(fingerprint["modalities"])
     ct = fingerprint["modalities"]["CT"]["intensity_percentiles"]
     assert ct["p0.5"] < -900 and ct["p99.5"] > 200, "CT percentiles should be in HU"
+    windows = fingerprint["dataset_windows"]  # one (low, high) per radiograph modality and site
+    radiograph_groups = {f"{m}|{s}" for m, s in zip(index["modality"], index["site"]) if m in ("DX", "CR")}
+    assert set(windows) == radiograph_groups and all(lo < hi for lo, hi in windows.values())
     # deterministic, whatever the number of workers
-    preprocess.run(PreprocessParams(size=64, workers=1), ingest_dir, tmp_path / "b")
+    preprocess.run(replace(params, workers=1), ingest_dir, tmp_path / "b")
     assert (tmp_path / "a" / "tensors.npy").read_bytes() == (tmp_path / "b" / "tensors.npy").read_bytes()
     pd.testing.assert_frame_equal(index, pd.read_parquet(tmp_path / "b" / "index.parquet"))
