@@ -20,12 +20,12 @@ import platform
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import timed_map  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 from pipeline import ingest, synth  # noqa: E402
 
 KEY = b"benchmark-key-not-secret-0123456789"
@@ -42,17 +42,6 @@ def _read(path: str) -> int:
 def _read_lazy(path: str) -> int:
     """A bare ``dcmread``: bytes parsed into raw elements, values left undecoded (pydicom is lazy)."""
     return len(pydicom.dcmread(path, force=True))
-
-
-def floor(files: list[str], workers: int, fn=_read) -> float:
-    start = time.perf_counter()
-    if workers == 1:
-        for f in files:
-            fn(f)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(fn, files, chunksize=64))
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -78,8 +67,8 @@ def main() -> None:
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
         "processor": platform.processor() or platform.machine()}}
     for workers in (1, 2):
-        t_floor = floor(files, workers)
-        t_lazy = floor(files, workers, _read_lazy)
+        t_floor = timed_map(_read, files, workers, chunksize=64)
+        t_lazy = timed_map(_read_lazy, files, workers, chunksize=64)
         out = work / f"ingest_w{workers}"
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()

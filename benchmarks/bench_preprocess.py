@@ -16,29 +16,18 @@ import json
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import timed_map  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 from pipeline import preprocess  # noqa: E402
 
 
 def _decode(paths: list[str]) -> int:
     return sum(pydicom.dcmread(p).pixel_array.size for p in paths)
-
-
-def floor(units: list[list[str]], workers: int) -> float:
-    start = time.perf_counter()
-    if workers == 1:
-        for paths in units:
-            _decode(paths)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_decode, units, chunksize=4))
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -54,7 +43,7 @@ def main() -> None:
     print(f"{n_images} images ({n_files} files): {manifest['unit'].value_counts().to_dict()}")
     results: dict = {"images": n_images, "files": n_files, "params": "defaults (224 px, 3 ch, key slice, 1.5x1.5x2.5 mm)"}
     for workers in (1, 2):
-        t_floor = floor(units, workers)
+        t_floor = timed_map(_decode, units, workers, chunksize=4)
         out = args.workdir / f"preprocess_w{workers}"
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
