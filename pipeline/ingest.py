@@ -45,7 +45,7 @@ from pydicom.uid import UID
 from tqdm import tqdm
 
 from pipeline import deid
-from pipeline.io_utils import atomic_write_bytes, atomic_write_text
+from pipeline.io_utils import atomic_write_bytes, atomic_write_text, csv_text
 
 log = logging.getLogger(__name__)
 
@@ -763,15 +763,11 @@ def run(
     manifest.to_parquet(buffer, index=False)
     atomic_write_bytes(out_dir / "manifest.parquet", buffer.getvalue())
     rejected_rows = sorted(rejected.items())
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "reason"])
-    writer.writerows(rejected_rows)
-    atomic_write_text(out_dir / "rejected.csv", text.getvalue())
+    atomic_write_text(out_dir / "rejected.csv", csv_text(["path", "reason"], rejected_rows))
     if quarantine_dir is not None:
         _quarantine(input_dir, Path(quarantine_dir), rejected_rows)
 
-    ingested_files = sum(u_len for u_len in (len(u.files) for u in units))
+    ingested_files = sum(len(u.files) for u in units)
     summary = IngestSummary(
         files_seen=len(relpaths),
         ingested=ingested_files,
@@ -835,8 +831,4 @@ def _quarantine(input_dir: Path, quarantine_dir: Path, rejected_rows: list[tuple
             os.link(input_dir / relpath, target)
         except OSError:
             shutil.copy2(input_dir / relpath, target)
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["path", "reason"])
-    writer.writerows(rejected_rows)
-    atomic_write_text(quarantine_dir / "reasons.csv", text.getvalue())
+    atomic_write_text(quarantine_dir / "reasons.csv", csv_text(["path", "reason"], rejected_rows))

@@ -25,7 +25,6 @@ downstream stages read instead of recomputing. Failures go to ``rejected.csv`` w
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -44,7 +43,7 @@ import SimpleITK as sitk
 import torch
 from pydicom.pixels import apply_modality_lut
 
-from pipeline.io_utils import atomic_write_bytes, atomic_write_text
+from pipeline.io_utils import atomic_write_bytes, atomic_write_text, csv_text
 
 log = logging.getLogger(__name__)
 
@@ -378,11 +377,7 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path) -> Preprocess
     buffer = io.BytesIO()
     index.to_parquet(buffer, index=False)
     atomic_write_bytes(out_dir / "index.parquet", buffer.getvalue())
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["image_id", "reason"])
-    writer.writerows(sorted(rejected))
-    atomic_write_text(out_dir / "rejected.csv", text.getvalue())
+    atomic_write_text(out_dir / "rejected.csv", csv_text(["image_id", "reason"], sorted(rejected)))
     fingerprint = {
         "images": len(index),
         "tensor": {"file": "tensors.npy", "shape": [len(index), *shape[1:]], "dtype": "float16", "range": [0, 1],

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
