@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -66,6 +67,24 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipeline import models, train
+
+    params = load_section(train.TrainParams, args.params, "train", epochs=args.epochs, device=args.device)
+    model_params = load_section(models.ModelParams, args.params, "model")
+    try:
+        summary = train.run(params, model_params, Path(args.images), Path(args.splits), Path(args.out),
+                            progress=not args.no_progress)
+    except (models.WeightsNotFoundError, models.WeightsMismatchError) as exc:
+        log.error("%s", exc)
+        return 2
+    if summary.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(f"train: {summary.epochs_run} epochs ({'early stop, ' if summary.stopped_early else ''}"
+              f"best epoch {summary.best_epoch}, validation AUC {summary.best_val_auc:.3f}) on {summary.device} "
+              f"x{summary.world_size}, {summary.images_per_s:.1f} images/s, {summary.wall_s:.0f} s")
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from pipeline import deid
 
@@ -109,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="preprocess output directory (index.parquet, tensors.npy)")
     p.add_argument("--out", required=True, help="output directory (splits.csv, split_summary.json)")
     p.set_defaults(func=_cmd_split)
+
+    p = sub.add_parser("train", help="fine-tune the backbone (torchrun --nproc_per_node=N for DDP)")
+    p.add_argument("--images", required=True, help="preprocess output directory")
+    p.add_argument("--splits", required=True, help="splits.csv of the split stage")
+    p.add_argument("--out", required=True, help="model directory (model.pt, model_card.json, checkpoints/, live/)")
+    p.add_argument("--epochs", type=int, help="params train.epochs")
+    p.add_argument("--device", help="params train.device: auto, cpu, cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("keygen", help="create a local pseudonymisation key file")
     p.add_argument("--path", default=".medtl/pseudonym.key", help="where to write it (default: %(default)s)")

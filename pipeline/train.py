@@ -1,0 +1,698 @@
+"""The ``train`` stage: fine-tune an ImageNet-pretrained MONAI backbone on the preprocessed images.
+
+Inputs are the preprocess stage's ``tensors.npy`` (N, C, H, W) float16 in [0, 1] with its
+``index.parquet`` and the split stage's ``splits.csv``. Outputs:
+
+- ``model.pt``: the best-validation-AUC weights with backbone name, classes and input spec
+  (:func:`pipeline.models.load_model` rebuilds it);
+- ``model_card.json``: backbone, weights source and hash, strategy, params, data fingerprint, input
+  spec, validation metrics, code and data versions, intended use;
+- ``train_metrics.json`` (DVC metric) and a DVCLive directory of per-epoch curves (DVC plots);
+- ``checkpoints/last.pt``: the whole training state after every epoch, written atomically. A killed
+  run resumes from it and ends where an uninterrupted run would: every epoch's randomness (sample
+  order, augmentation, dropout) is seeded from (seed, epoch), not carried over from earlier epochs.
+
+Transfer strategies (``train.strategy``): ``feature_extraction`` (backbone frozen, BatchNorm
+statistics included; only the new head learns), ``finetune`` (everything learns, the backbone at
+``backbone_lr_mult`` × the head's learning rate, after a warm-up) and ``gradual`` (the head first,
+then backbone stages unfrozen from the top, one more every ``gradual_every`` epochs). Training from
+scratch is ``model.pretrained: none`` with ``finetune``.
+
+Runs on one device, or under ``torchrun --nproc_per_node=N`` with DDP (NCCL on GPUs, gloo on CPU):
+each process takes a shard of every epoch; all of them validate on the whole validation split, so
+they take the same early-stopping decisions; rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from pipeline import models
+from pipeline.io_utils import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("feature_extraction", "finetune", "gradual")
+CHECKPOINT_FORMAT = "medtl-train-checkpoint/1"
+INTENDED_USE = (
+    "Research and retraining pipeline output: a model to be evaluated against the site's held-out test split "
+    "and its current champion before any use. Not a medical device; not for diagnosis without a qualified "
+    "reader and local validation.")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Random augmentation of one modality (MONAI transforms on (C, H, W) in [0, 1]).
+
+    Attributes:
+        prob: probability of each random transform.
+        flip: left-right flips (off for chest radiographs: laterality is anatomy).
+        rotate_deg: maximum in-plane rotation (degrees).
+        zoom: maximum relative zoom in or out.
+        intensity: maximum relative intensity scale and shift, and contrast (gamma) change.
+    """
+
+    prob: float = 0.5
+    flip: bool = True
+    rotate_deg: float = 10.0
+    zoom: float = 0.1
+    intensity: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """``train`` section of params.yaml (see the comments there)."""
+
+    classes: tuple[str, ...] = ("normal", "lesion")
+    strategy: str = "finetune"
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    gradual_head_epochs: int = 1
+    gradual_every: int = 1
+    class_balance: str = "weights"
+    patience: int = 4
+    seed: int = 0
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    workers: int = -1
+    device: str = "auto"
+    augment: dict = field(default_factory=lambda: {"default": {}})
+
+    def __post_init__(self):
+        object.__setattr__(self, "classes", tuple(self.classes))
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"train.strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)} "
+                             "(training from scratch is model.pretrained: none)")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"train.classes: need two or more distinct class names, got {list(self.classes)}")
+        if self.class_balance not in ("weights", "sampler", "none"):
+            raise ValueError(f"train.class_balance: {self.class_balance!r} is not weights, sampler or none")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"train.amp: {self.amp!r} is not auto, bf16, fp16 or off")
+
+    def augment_for(self, modality: str) -> AugmentParams:
+        """The augmentation of ``modality``: its own entry over ``default`` over the dataclass defaults."""
+        values = dict(self.augment.get("default") or {})
+        values.update(self.augment.get(modality) or {})
+        return AugmentParams(**values)
+
+
+@dataclass
+class TrainSummary:
+    epochs_run: int
+    best_epoch: int
+    best_val_auc: float
+    stopped_early: bool
+    resumed_from_epoch: int
+    train_images: int
+    val_images: int
+    images_per_s: float
+    wall_s: float
+    device: str
+    world_size: int
+    ddp_weights_agree: bool | None
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """Rows of ``tensors.npy`` per split, with integer labels and modalities."""
+
+    tensors: Path
+    rows: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    modalities: dict[str, np.ndarray]
+    patients: dict[str, int]
+    image_shape: tuple[int, ...]
+
+
+def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...]) -> SplitData:
+    """Join the preprocess index with the split assignment; labels become indices into ``classes``."""
+    index = pd.read_parquet(images_dir / "index.parquet")
+    splits = pd.read_csv(splits_csv, dtype={"image_id": str})
+    frame = index.merge(splits[["image_id", "split"]], on="image_id", how="inner", validate="one_to_one")
+    if len(frame) != len(index):
+        raise ValueError(f"{splits_csv}: {len(index) - len(frame)} of {len(index)} preprocessed images have no split")
+    unknown = sorted(set(frame["label"]) - set(classes))
+    if unknown:
+        raise ValueError(f"labels {unknown} in {images_dir / 'index.parquet'} are not in train.classes {list(classes)}")
+    tensors = images_dir / "tensors.npy"
+    shape = np.load(tensors, mmap_mode="r").shape
+    out: dict[str, dict[str, np.ndarray]] = {"rows": {}, "labels": {}, "modalities": {}}
+    patients = {}
+    for name in ("train", "val", "test"):
+        part = frame[frame["split"] == name].sort_values("row")
+        out["rows"][name] = part["row"].to_numpy(np.int64)
+        out["labels"][name] = part["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
+        out["modalities"][name] = part["modality"].astype(str).to_numpy()
+        patients[name] = int(part["patient_key"].nunique())
+    for name in ("train", "val"):
+        if len(out["rows"][name]) == 0:
+            raise ValueError(f"{splits_csv}: the {name} split is empty")
+    return SplitData(tensors, out["rows"], out["labels"], out["modalities"], patients, tuple(shape[1:]))
+
+
+def _augmentation(p: AugmentParams):
+    from monai import transforms as T
+
+    steps = []
+    if p.flip:
+        steps.append(T.RandFlipd("image", prob=p.prob, spatial_axis=1))
+    if p.rotate_deg:
+        steps.append(T.RandRotated("image", range_x=math.radians(p.rotate_deg), prob=p.prob, padding_mode="zeros"))
+    if p.zoom:
+        steps.append(T.RandZoomd("image", min_zoom=1 - p.zoom, max_zoom=1 + p.zoom, prob=p.prob, padding_mode="constant"))
+    if p.intensity:
+        steps += [T.RandScaleIntensityd("image", factors=p.intensity, prob=p.prob),
+                  T.RandShiftIntensityd("image", offsets=p.intensity, prob=p.prob),
+                  T.RandAdjustContrastd("image", gamma=(1 - p.intensity, 1 + p.intensity), prob=p.prob)]
+    return T.Compose(steps)
+
+
+def make_dataset(data: SplitData, split: str, params: TrainParams | None):
+    """A MONAI dataset over one split's rows of the memory-mapped tensor file.
+
+    Items are ``{"image": (C, H, W) float32 tensor, "label": int}``. ``params`` None: no
+    augmentation (validation/test). The array is opened lazily per process and never copied whole:
+    each item reads its own row.
+    """
+    from monai.data import Dataset
+    from monai.transforms import Compose, EnsureTyped
+
+    deterministic = Compose([EnsureTyped("image", dtype=torch.float32, track_meta=False)])
+    random_by_modality = ({m: _augmentation(params.augment_for(m)) for m in set(data.modalities[split])}
+                          if params is not None else {})
+    seed = params.seed if params is not None else 0
+
+    class _Rows(Dataset):
+        epoch = 0
+        _array = None
+
+        def __getstate__(self):  # workers reopen the memmap rather than receive a pickled copy
+            state = self.__dict__.copy()
+            state["_array"] = None
+            return state
+
+        def _transform(self, index: int):
+            if self._array is None:
+                self._array = np.load(data.tensors, mmap_mode="r")
+            item = self.data[index]
+            out = deterministic({"image": np.array(self._array[item["row"]], dtype=np.float32), "label": item["label"]})
+            augment = random_by_modality.get(item["modality"])
+            if augment is not None:
+                # Seeded per (seed, epoch, item): the same augmentation whatever the worker count,
+                # sampler order or resume point.
+                augment.set_random_state(seed=int(np.random.SeedSequence([seed, self.epoch, item["row"]])
+                                                  .generate_state(1)[0]))
+                out = augment(out)
+                out["image"] = torch.as_tensor(out["image"]).clamp_(0, 1)
+            return out
+
+    records = [{"row": int(r), "label": int(y), "modality": m}
+               for r, y, m in zip(data.rows[split], data.labels[split], data.modalities[split])]
+    return _Rows(records)
+
+
+# ------------------------------------------------------------------------------------------- device
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the ``torchrun`` process group when there is one (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist = Dist(int(os.environ.get("RANK", "0")), world, local_rank)
+    return dist, device
+
+
+def amp_dtype(params: TrainParams, device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU supports it, fp16 (with a gradient scaler) otherwise; off on CPU by default."""
+    if params.amp == "off" or (params.amp == "auto" and device.type != "cuda"):
+        return None
+    if params.amp == "fp16" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------- strategy
+
+
+def trainable_stages(params: TrainParams, epoch: int, n_stages: int) -> int:
+    """How many backbone stages (counted from the top) learn in ``epoch`` (0-based)."""
+    if params.strategy == "feature_extraction":
+        return 0
+    if params.strategy == "finetune":
+        return n_stages
+    if epoch < params.gradual_head_epochs:
+        return 0
+    return min(n_stages, (epoch - params.gradual_head_epochs) // max(1, params.gradual_every) + 1)
+
+
+def set_trainable(model: models.Classifier, stages: list[nn.Module], n_trainable: int) -> None:
+    """Freeze all but the top ``n_trainable`` stages; frozen stages also keep their BatchNorm statistics.
+
+    Call after ``model.train()``: frozen stages are put back in eval mode.
+    """
+    cut = len(stages) - n_trainable
+    for i, stage in enumerate(stages):
+        frozen = i < cut
+        for p in stage.parameters():
+            p.requires_grad_(not frozen)
+        if frozen:
+            stage.eval()
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------- loop
+
+
+def _seed_everything(seed: int, epoch: int, rank: int) -> None:
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+
+
+def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    present = np.unique(labels)
+    return float(roc_auc_score(labels, probs[:, present] / probs[:, present].sum(1, keepdims=True),
+                               multi_class="ovr", labels=present))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
+            channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, K) float32 and labels (N,) of every item of ``loader``, in order."""
+    model.eval()
+    probs, labels = [], []
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        probs.append(logits.float().softmax(1).cpu().numpy())
+        labels.append(batch["label"].numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def _class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return len(labels) / (n_classes * np.maximum(counts, 1))
+
+
+def _config_hash(params: TrainParams, model_params: models.ModelParams, data_hash: str) -> str:
+    blob = json.dumps({"train": asdict(params), "model": asdict(model_params), "data": data_hash}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def data_version(images_dir: Path, splits_csv: Path) -> dict[str, str]:
+    """SHA-256 of every input the model depends on (the card's data version)."""
+    files = {"tensors": images_dir / "tensors.npy", "index": images_dir / "index.parquet", "splits": splits_csv}
+    return {name: models.sha256_file(path) for name, path in files.items()}
+
+
+def code_version() -> dict[str, str | bool | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import monai
+
+    try:
+        medtl_version = version("medtl")
+    except PackageNotFoundError:
+        medtl_version = None
+
+    commit, dirty = None, None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "pipeline"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"medtl": medtl_version, "git_commit": commit, "pipeline_modified": dirty, "torch": torch.__version__,
+            "monai": monai.__version__, "python": platform.python_version()}
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_checkpoint(path: Path, config_hash: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a checkpoint we cannot read is not worth failing the run for
+        log.warning("checkpoint %s unreadable (%s): training from the start", path, exc)
+        return None
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("config_hash") != config_hash:
+        log.info("checkpoint %s is from other params or data: training from the start", path)
+        return None
+    return state
+
+
+def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path, splits_csv: Path,
+        out_dir: Path, *, checkpoint_dir: Path | None = None, live_dir: Path | None = None,
+        stop_after_epoch: int | None = None, progress: bool = True) -> TrainSummary:
+    """Train, validate every epoch, keep the best-validation-AUC model and write the outputs.
+
+    Args:
+        params, model_params: the ``train`` and ``model`` sections.
+        images_dir: preprocess output (``tensors.npy``, ``index.parquet``, ``fingerprint.json``).
+        splits_csv: split output (``image_id``, ``split``).
+        out_dir: receives ``model.pt``, ``model_card.json``, ``train_metrics.json``.
+        checkpoint_dir: where ``last.pt`` persists between runs (default ``out_dir/checkpoints``).
+        live_dir: DVCLive directory (default ``out_dir/live``).
+        stop_after_epoch: stop (as if killed) after this many epochs, leaving only the checkpoint;
+            for tests of resume.
+        progress: show a progress bar per epoch.
+    """
+    from monai.data import DataLoader
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    out_dir, images_dir = Path(out_dir), Path(images_dir)
+    checkpoint_dir = Path(checkpoint_dir or out_dir / "checkpoints")
+    live_dir = Path(live_dir or out_dir / "live")
+    dist, device = init_distributed(params.device)
+    if dist.world_size > 1 and params.class_balance == "sampler":
+        raise ValueError("train.class_balance: sampler is not supported under DDP (torchrun); use weights")
+    data = load_splits(images_dir, Path(splits_csv), params.classes)
+    versions = data_version(images_dir, Path(splits_csv))
+    config_hash = _config_hash(params, model_params, versions["tensors"] + versions["index"] + versions["splits"])
+    dtype = amp_dtype(params, device)
+    n_classes = len(params.classes)
+
+    torch.manual_seed(params.seed)  # the new head's initial weights (and every weight from scratch)
+    model, weights = models.build_model(model_params, n_classes)
+    stages = models.backbone_stages(model, model_params.backbone)
+    head = models.head_parameters(model, model_params.backbone)
+    head_ids = {id(p) for p in head}
+    model.to(device)
+    if params.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if id(p) not in head_ids],
+          "lr": params.lr * params.backbone_lr_mult, "name": "backbone"},
+         {"params": head, "lr": params.lr, "name": "head"}], weight_decay=params.weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    weights_t = (torch.tensor(_class_weights(data.labels["train"], n_classes), dtype=torch.float32, device=device)
+                 if params.class_balance == "weights" else None)
+    loss_fn = nn.CrossEntropyLoss(weight=weights_t)
+
+    train_ds = make_dataset(data, "train", params)
+    val_ds = make_dataset(data, "val", None)
+    workers = params.workers if params.workers >= 0 else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+    loader_args = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    val_loader = DataLoader(val_ds, batch_size=params.batch_size * 2, shuffle=False, **loader_args)
+    steps_per_epoch = math.ceil(len(train_ds) / (params.batch_size * dist.world_size))
+    total_steps = steps_per_epoch * params.epochs
+    warmup_steps = int(round(params.warmup_epochs * steps_per_epoch)) if params.strategy != "feature_extraction" else 0
+
+    checkpoint_path = checkpoint_dir / "last.pt"
+    state = _load_checkpoint(checkpoint_path, config_hash)
+    history: list[dict] = []
+    best = {"auc": -math.inf, "epoch": -1, "state": None}
+    bad_epochs, start_epoch, step = 0, 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        start_epoch, step = state["epoch"], state["step"]
+        if dist.main:
+            log.info("resuming from %s after epoch %d", checkpoint_path, start_epoch)
+    resumed_from = start_epoch
+    stopped_early = state is not None and state.get("stopped_early", False)
+
+    live = _open_live(live_dir, history) if dist.main else None
+    forward = torch.compile(model) if params.compile else model
+    ddp_model, ddp_trainable = None, None
+    epoch = start_epoch
+    while epoch < params.epochs and not stopped_early:
+        _seed_everything(params.seed, epoch, dist.rank)
+        train_ds.epoch = epoch
+        n_trainable = trainable_stages(params, epoch, len(stages))
+        model.train()
+        set_trainable(model, stages, n_trainable)
+        if dist.world_size > 1 and ddp_trainable != n_trainable:
+            # DDP registers the parameters that need gradients when it is built: rebuild on unfreezing.
+            ddp_model = nn.parallel.DistributedDataParallel(
+                forward, device_ids=[device.index] if device.type == "cuda" else None)
+            ddp_trainable = n_trainable
+        net = ddp_model if ddp_model is not None else forward
+        loader = DataLoader(train_ds, batch_size=params.batch_size, drop_last=False,
+                            **_train_sampling(params, data, epoch, dist), **loader_args)
+        epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{params.epochs}", disable=not (progress and dist.main),
+                   leave=False, unit="batch", mininterval=0.1 if sys.stderr.isatty() else 30)
+        for batch in bar:
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["label"].to(device, non_blocking=True)
+            if params.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            factor = lr_factor(step, total_steps, warmup_steps)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = loss_fn(net(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        train_s = time.perf_counter() - epoch_start
+        if dist.world_size > 1:
+            # DDP syncs BatchNorm statistics at the start of each forward, so the last batch leaves
+            # them differing between processes: take rank 0's, so all validate the same model.
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        probs, labels = predict(forward, val_loader, device, dtype, params.channels_last)
+        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)),
+                                                torch.from_numpy(labels)))
+        val_auc = _auc(labels, probs)
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
+                  "val_auc": val_auc, "val_accuracy": float((probs.argmax(1) == labels).mean()),
+                  "lr_head": base_lrs[-1] * factor, "trainable_stages": n_trainable,
+                  "train_images_per_s": seen * dist.world_size / train_s,
+                  "epoch_s": time.perf_counter() - epoch_start}
+        history.append(record)
+        # Select on AUC; a single-class validation split has none, so fall back to the loss.
+        score = val_auc if not math.isnan(val_auc) else -val_loss
+        if score > best["auc"]:
+            best = {"auc": score, "epoch": epoch + 1,
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        epoch += 1
+        stopped_early = params.patience > 0 and bad_epochs >= params.patience and epoch < params.epochs
+        if dist.main:
+            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %.4f, %.1f images/s%s", epoch,
+                     params.epochs, record["train_loss"], val_loss, val_auc, record["train_images_per_s"],
+                     " (best)" if best["epoch"] == epoch else "")
+            _log_live(live, record)
+            _save_checkpoint(checkpoint_path, {
+                "format": CHECKPOINT_FORMAT, "config_hash": config_hash, "epoch": epoch, "step": step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "history": history, "best": best, "bad_epochs": bad_epochs, "stopped_early": stopped_early})
+        if dist.world_size > 1:
+            torch.distributed.barrier()
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            return None  # type: ignore[return-value]
+        if stopped_early and dist.main:
+            log.info("early stop: no validation AUC gain in %d epochs", params.patience)
+
+    agree = _weights_agree(model) if dist.world_size > 1 else None
+    model.load_state_dict(best["state"])
+    wall = time.perf_counter() - started
+    rate = float(np.median([h["train_images_per_s"] for h in history])) if history else float("nan")
+    summary = TrainSummary(len(history), best["epoch"], _best_auc(history, best["epoch"]), stopped_early, resumed_from,
+                           len(data.rows["train"]), len(data.rows["val"]), rate, wall,
+                           _device_name(device), dist.world_size, agree)
+    if dist.main:
+        _write_outputs(out_dir, model, params, model_params, weights, data, images_dir, versions, history,
+                       summary, dtype)
+        if live is not None:
+            live.end()
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+def _train_sampling(params: TrainParams, data: SplitData, epoch: int, dist: Dist) -> dict:
+    """Sampler/shuffle arguments for one epoch's loader, seeded from (seed, epoch)."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([params.seed, epoch]).generate_state(1)[0]))
+    if dist.world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(range(len(data.rows["train"])), num_replicas=dist.world_size, rank=dist.rank,
+                                     shuffle=True, seed=params.seed)
+        sampler.set_epoch(epoch)
+        return {"sampler": sampler}
+    if params.class_balance == "sampler":
+        from torch.utils.data import WeightedRandomSampler
+
+        labels = data.labels["train"]
+        per_item = _class_weights(labels, len(params.classes))[labels]
+        return {"sampler": WeightedRandomSampler(per_item, len(labels), replacement=True, generator=generator)}
+    return {"shuffle": True, "generator": generator}
+
+
+def _best_auc(history: list[dict], best_epoch: int) -> float:
+    return float(history[best_epoch - 1]["val_auc"]) if best_epoch > 0 else float("nan")
+
+
+def _weights_agree(model: nn.Module) -> bool:
+    """True when every DDP process holds bit-identical weights."""
+    digest = hashlib.sha256()
+    for value in model.state_dict().values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest.hexdigest())
+    return len(set(digests)) == 1
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+LIVE_METRICS = ("train_loss", "val_loss", "val_auc", "val_accuracy", "lr_head")
+
+
+def _open_live(live_dir: Path, history: list[dict]):
+    """A fresh DVCLive run with the epochs of ``history`` replayed (so a resumed run's curves are whole)."""
+    from dvclive import Live
+
+    live = Live(dir=str(live_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+    for record in history:
+        _log_live(live, record)
+    return live
+
+
+def _log_live(live, record: dict) -> None:
+    for name in LIVE_METRICS:
+        split, _, metric = name.partition("_")
+        live.log_metric(f"{split}/{metric}", float(record[name]))
+    live.next_step()
+
+
+def _write_outputs(out_dir: Path, model: models.Classifier, params: TrainParams, model_params: models.ModelParams,
+                   weights: models.WeightsInfo, data: SplitData, images_dir: Path, versions: dict,
+                   history: list[dict], summary: TrainSummary, dtype: torch.dtype | None) -> None:
+    fingerprint_path = images_dir / "fingerprint.json"
+    fingerprint = json.loads(fingerprint_path.read_text()) if fingerprint_path.exists() else {}
+    input_spec = {
+        "shape": list(data.image_shape), "layout": "C, H, W", "dtype": "float32", "range": [0, 1],
+        "normalisation": {"mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD),
+                          "applied_by_model": True},
+        "preprocess": fingerprint.get("params", {}),
+        "classes": list(params.classes), "positive_class": params.classes[-1] if len(params.classes) == 2 else None,
+        "output": "logits (N, classes); softmax for probabilities",
+    }
+    payload = models.save_model(model, model_params.backbone, list(params.classes), input_spec)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    model_bytes = buffer.getvalue()
+    atomic_write_bytes(out_dir / "model.pt", model_bytes)
+    best = history[summary.best_epoch - 1] if summary.best_epoch > 0 else {}
+    card = {
+        "name": f"medtl-{model_params.backbone}-{params.strategy}",
+        "model_file": {"path": "model.pt", "sha256": hashlib.sha256(model_bytes).hexdigest()},
+        "backbone": model_params.backbone,
+        "weights": {"pretrained": model_params.pretrained if model_params.pretrained in ("imagenet", "none")
+                    else "file", **asdict(weights)},
+        "strategy": params.strategy if model_params.pretrained != "none" else f"scratch ({params.strategy})",
+        "params": {"train": asdict(params), "model": asdict(model_params)},
+        "input_spec": input_spec,
+        "data": {"version_sha256": versions,
+                 "images": {s: int(len(data.rows[s])) for s in data.rows},
+                 "patients": data.patients,
+                 "class_counts": {s: {c: int((data.labels[s] == i).sum()) for i, c in enumerate(params.classes)}
+                                  for s in data.rows},
+                 "fingerprint": {k: fingerprint[k] for k in ("images", "labels", "sites", "modalities")
+                                 if k in fingerprint}},
+        "validation": {"best_epoch": summary.best_epoch, "auc": best.get("val_auc"), "loss": best.get("val_loss"),
+                       "accuracy": best.get("val_accuracy"), "selection": "highest validation AUC"},
+        "training": {"epochs_run": summary.epochs_run, "stopped_early": summary.stopped_early,
+                     "device": summary.device, "world_size": summary.world_size,
+                     "amp": str(dtype).removeprefix("torch.") if dtype else "off",
+                     "images_per_s": summary.images_per_s, "wall_s": round(summary.wall_s, 1)},
+        "code_version": code_version(),
+        "intended_use": INTENDED_USE,
+        "limitations": ["Trained and validated on one site's data; performance elsewhere is unknown until evaluated.",
+                        "Inputs must be preprocessed with the input_spec.preprocess parameters."],
+    }
+    atomic_write_text(out_dir / "model_card.json", json.dumps(card, indent=2, default=_json_default) + "\n")
+    metrics = {k: v for k, v in asdict(summary).items() if k not in ("device",)}
+    atomic_write_text(out_dir / "train_metrics.json", json.dumps(metrics, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+

@@ -1,0 +1,161 @@
+"""The train stage on tiny preprocessed data made here: strategies, resume, DDP, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline import models, train
+
+SIZE = 32
+TINY = train.TrainParams(epochs=2, batch_size=8, patience=0, workers=0, device="cpu", channels_last=False)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> tuple[Path, Path]:
+    """A preprocess-like output: 48 images of 24 patients, lesions a bright blob; and its splits.csv."""
+    out = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    n = 48
+    labels = np.array(["lesion" if i % 3 == 0 else "normal" for i in range(n // 2)]).repeat(2)
+    tensors = rng.normal(0.4, 0.05, (n, 3, SIZE, SIZE))
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    for i in np.flatnonzero(labels == "lesion"):
+        cy, cx = rng.integers(8, SIZE - 8, 2)
+        tensors[i, :, (yy - cy) ** 2 + (xx - cx) ** 2 < 16] += 0.4
+    np.save(out / "tensors.npy", np.clip(tensors, 0, 1).astype(np.float16))
+    patients = [f"P-{i // 2:04d}" for i in range(n)]
+    index = pd.DataFrame({"row": np.arange(n), "image_id": [f"{i:016x}" for i in range(n)], "patient_key": patients,
+                          "label": labels, "modality": np.array(["DX", "CR", "CT"])[np.arange(n) % 3],
+                          "site": "site-a"})
+    index.to_parquet(out / "index.parquet")
+    (out / "fingerprint.json").write_text(json.dumps({"images": n, "params": {"size": SIZE}}))
+    split = np.where(np.arange(n) // 2 % 4 == 0, "val", np.where(np.arange(n) // 2 % 4 == 1, "test", "train"))
+    splits = tmp_path_factory.mktemp("splits") / "splits.csv"
+    index.assign(split=split)[["image_id", "patient_key", "label", "split"]].to_csv(splits, index=False)
+    return out, splits
+
+
+def _run(images, out: Path, params=TINY, model_params=None, **kwargs):
+    model_params = model_params or models.ModelParams()
+    return train.run(params, model_params, images[0], images[1], out, progress=False, **kwargs)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_outputs_card_and_curves(images, tmp_path):
+    summary = _run(images, tmp_path)
+    assert summary.epochs_run == 2 and summary.train_images == 24 and summary.val_images == 12
+    model, meta = models.load_model(tmp_path / "model.pt")
+    assert meta["classes"] == ["normal", "lesion"] and meta["input_spec"]["shape"] == [3, SIZE, SIZE]
+    assert model(torch.rand(1, 3, SIZE, SIZE)).shape == (1, 2)
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    package_file = models.backbone("efficientnet-lite0").package_path()
+    assert card["weights"]["source"] in {"package", "hub_cache"}
+    assert card["weights"]["sha256"] == models.sha256_file(package_file)
+    assert card["weights"]["backbone_tensors_loaded"] == card["weights"]["backbone_tensors"] > 0
+    assert card["strategy"] == "finetune" and card["backbone"] == "efficientnet-lite0"
+    assert card["data"]["version_sha256"]["tensors"] == models.sha256_file(images[0] / "tensors.npy")
+    assert card["data"]["images"] == {"train": 24, "val": 12, "test": 12}
+    assert card["validation"]["best_epoch"] == summary.best_epoch
+    assert card["input_spec"]["normalisation"]["mean"] == list(models.IMAGENET_MEAN)
+    assert card["intended_use"] and card["code_version"]["torch"] == torch.__version__
+    assert "P-0001" not in (tmp_path / "model_card.json").read_text(), "the card names no patient"
+    auc_curve = pd.read_csv(tmp_path / "live/plots/metrics/val/auc.tsv", sep="\t")
+    assert list(auc_curve["step"]) == [0, 1]
+    assert json.loads((tmp_path / "train_metrics.json").read_text())["epochs_run"] == 2
+
+
+def test_feature_extraction_leaves_the_backbone_bit_identical(images, tmp_path):
+    params = replace(TINY, strategy="feature_extraction", lr=0.05)
+    _run(images, tmp_path, params)
+    pretrained, _ = models.build_model(models.ModelParams(), num_classes=2)
+    before = pretrained.state_dict()
+    after = _state(tmp_path / "model.pt")
+    head = {k for k in before if k.startswith("net._fc.")}
+    changed = [k for k in before if k not in head and not torch.equal(before[k], after[k])]
+    assert changed == [], f"backbone tensors changed under feature extraction: {changed[:5]}"
+    assert any("running_mean" in k for k in before), "BatchNorm statistics are part of the check"
+    assert not torch.equal(before["net._fc.weight"], after["net._fc.weight"]), "the head should learn"
+
+
+def test_gradual_unfreezes_from_the_top():
+    params = replace(TINY, strategy="gradual", gradual_head_epochs=2, gradual_every=2)
+    assert [train.trainable_stages(params, e, 9) for e in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    model, _ = models.build_model(models.ModelParams(pretrained="none"), num_classes=2)
+    stages = models.backbone_stages(model, "efficientnet-lite0")
+    model.train()
+    train.set_trainable(model, stages, 2)
+    assert [all(p.requires_grad for p in s.parameters()) for s in stages] == [False] * 7 + [True] * 2
+    assert not stages[0].training and stages[-1].training, "frozen stages keep their BatchNorm statistics"
+    assert all(p.requires_grad for p in models.head_parameters(model, "efficientnet-lite0"))
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "gradual"])
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(images, tmp_path, strategy):
+    params = replace(TINY, epochs=3, strategy=strategy)
+    whole = _run(images, tmp_path / "whole", params)
+    assert _run(images, tmp_path / "killed", params, stop_after_epoch=1) is None
+    assert not (tmp_path / "killed/model.pt").exists() and (tmp_path / "killed/checkpoints/last.pt").exists()
+    resumed = _run(images, tmp_path / "killed", params)
+    assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == whole.epochs_run == 3
+    a, b = _state(tmp_path / "whole/model.pt"), _state(tmp_path / "killed/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.best_val_auc == whole.best_val_auc
+    curves = [pd.read_csv(tmp_path / d / "live/plots/metrics/train/loss.tsv", sep="\t") for d in ("whole", "killed")]
+    pd.testing.assert_frame_equal(*curves)
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(images, tmp_path):
+    _run(images, tmp_path, replace(TINY, epochs=1))
+    summary = _run(images, tmp_path, replace(TINY, epochs=1, lr=0.01))
+    assert summary.resumed_from_epoch == 0 and summary.epochs_run == 1
+
+
+def test_scratch_with_balanced_sampler_learns_and_is_recorded(images, tmp_path):
+    params = replace(TINY, class_balance="sampler", epochs=1)
+    _run(images, tmp_path, params, model_params=models.ModelParams(pretrained="none"))
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert card["strategy"] == "scratch (finetune)" and card["weights"]["source"] == "none"
+    assert card["weights"]["sha256"] is None
+
+
+def test_early_stopping_keeps_the_best_epoch(images, tmp_path):
+    summary = _run(images, tmp_path, replace(TINY, epochs=6, patience=1, lr=0.0))
+    assert summary.stopped_early and summary.epochs_run == 2 and summary.best_epoch == 1
+
+
+def test_labels_outside_the_classes_are_an_error_naming_the_file(images, tmp_path):
+    with pytest.raises(ValueError, match=r"\['lesion'\].*index.parquet.*train.classes"):
+        _run(images, tmp_path, replace(TINY, classes=("normal", "tumour")))
+    with pytest.raises(ValueError, match="scratch is model.pretrained: none"):
+        replace(TINY, strategy="scratch")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_agree_on_the_weights(images, tmp_path):
+    """torchrun --nproc_per_node=2 with gloo: one epoch, then every rank holds the same weights."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"train": {"epochs": 1, "batch_size": 6, "workers": 0, "device": "cpu",
+                                                     "channels_last": False, "patience": 0}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "pipeline.cli", "--params", str(params_file), "train", "--images", str(images[0]),
+           "--splits", str(images[1]), "--out", str(tmp_path / "out"), "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out/train_metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ddp_weights_agree"] is True
+    assert metrics["train_images"] == 24 and metrics["epochs_run"] == 1
