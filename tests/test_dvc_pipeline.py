@@ -30,9 +30,15 @@ def project(tmp_path_factory) -> Path:
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["synth"]["patients"] = 8
     params["ingest"]["workers"] = 1
+    # the real config, shrunk: tiny images, one epoch
+    params["preprocess"]["size"] = 64
+    params["train"].update(epochs=1, batch_size=8)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     assert _dvc(proj, "init", "-q").returncode == 0
+    git = ["git", "-c", "user.name=medtl-test", "-c", "user.email=test@medtl.invalid"]
+    subprocess.run([*git, "add", "-A"], cwd=proj, check=True)
+    subprocess.run([*git, "commit", "-qm", "project"], cwd=proj, check=True)
     return proj
 
 
@@ -51,6 +57,10 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(project):
     assert split["patients_in_multiple_splits"] == 0
     assert split["cross_patient_duplicate_groups"] == 0, "distinct synthetic patients were merged as duplicates"
     assert sum(split["images"].values()) == fingerprint["images"]
+    card = json.loads((project / "models/model_card.json").read_text())
+    assert card["input_spec"]["shape"] == [3, 64, 64] and card["training"]["epochs_run"] == 1
+    assert card["weights"]["backbone_tensors_loaded"] == card["weights"]["backbone_tensors"] > 0
+    assert (project / "models/model.pt").is_file() and (project / "models/checkpoints/last.pt").is_file()
 
     second = _dvc(project, "repro")
     assert second.returncode == 0, second.stderr
@@ -59,7 +69,9 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(project):
     assert "up to date" in status.stdout.lower(), status.stdout
 
     metrics = _dvc(project, "metrics", "show", "--json")
-    assert metrics.returncode == 0 and "files_seen" in metrics.stdout
+    assert metrics.returncode == 0 and "files_seen" in metrics.stdout and "best_val_auc" in metrics.stdout
+    plots = _dvc(project, "plots", "show", "--json")
+    assert plots.returncode == 0 and "val/auc" in plots.stdout.replace("\\", "/"), plots.stdout[:2000]
 
 
 @pytest.mark.slow
