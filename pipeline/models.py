@@ -286,7 +286,7 @@ def _init_head(net: nn.Module, spec: Backbone) -> None:
     # large gradients do not wreck the backbone while fine-tuning.
     for name, param in net.named_parameters():
         if name.startswith(spec.head_prefix):
-            nn.init.normal_(param, std=0.01) if name.endswith("weight") else nn.init.zeros_(param)
+            nn.init.normal_(param, std=0.001) if name.endswith("weight") else nn.init.zeros_(param)
 
 
 def load_pretrained(net: nn.Module, spec: Backbone, path: Path) -> tuple[int, int, bool]:
