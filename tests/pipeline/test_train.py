@@ -133,7 +133,8 @@ def test_scratch_with_balanced_sampler_learns_and_is_recorded(images, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_epoch(images, tmp_path):
-    summary = _run(images, tmp_path, replace(TINY, epochs=6, patience=1, lr=0.0))
+    # nothing can change (frozen backbone, head at lr 0), so epoch 1 stays best and epoch 2 stops the run
+    summary = _run(images, tmp_path, replace(TINY, epochs=6, patience=1, lr=0.0, strategy="feature_extraction"))
     assert summary.stopped_early and summary.epochs_run == 2 and summary.best_epoch == 1
 
 
