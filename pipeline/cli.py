@@ -85,6 +85,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline import evaluate
+
+    params = load_section(evaluate.EvaluateParams, args.params, "evaluate", device=args.device)
+    summary = evaluate.run(params, Path(args.model), Path(args.images), Path(args.splits), Path(args.out))
+    lo, hi = summary.test_auc_ci
+    line = f"evaluate: test AUC {summary.test_auc:.3f} [{lo:.3f}, {hi:.3f}], {summary.test_images} images of " \
+           f"{summary.test_patients} patients"
+    if summary.threshold is not None:
+        line += (f"; at threshold {summary.threshold:.3f}: sensitivity {summary.test_sensitivity:.3f}, "
+                 f"specificity {summary.test_specificity:.3f}")
+    print(line + (f"; report {summary.report}" if summary.report else ""))
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from pipeline import deid
 
@@ -137,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="params train.device: auto, cpu, cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="test metrics with patient-bootstrap CIs, DVC plots and the report")
+    p.add_argument("--model", required=True, help="models/model.pt of the train stage")
+    p.add_argument("--images", required=True, help="preprocess output directory")
+    p.add_argument("--splits", required=True, help="splits.csv of the split stage")
+    p.add_argument("--out", required=True, help="report directory (metrics.json, plots/, report.md, ...)")
+    p.add_argument("--device", help="params evaluate.device: auto, cpu, cuda")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("keygen", help="create a local pseudonymisation key file")
     p.add_argument("--path", default=".medtl/pseudonym.key", help="where to write it (default: %(default)s)")

@@ -309,19 +309,7 @@ def patient_bootstrap(
         except ValueError:
             return math.nan
 
-    # Rows grouped by patient once: patient p owns by_patient[start[p]:start[p] + size[p]].
-    by_patient = np.argsort(codes, kind="stable")
-    size = np.bincount(codes)
-    start = np.cumsum(size) - size
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        drawn = rng.integers(0, len(size), len(size))
-        lengths = size[drawn]
-        # Each output position maps to (its patient's start) + (its offset within that patient's block).
-        offsets = np.repeat(start[drawn] - (np.cumsum(lengths) - lengths), lengths)
-        values.append(evaluate(by_patient[offsets + np.arange(lengths.sum())]))
-    values = np.asarray(values)
+    values = np.asarray([evaluate(idx) for idx in _patient_resamples(codes, n_boot, seed)])
     used = values[~np.isnan(values)]
     ci = np.quantile(used, [alpha / 2, 1 - alpha / 2]).tolist() if len(used) else [math.nan, math.nan]
     return {
@@ -331,6 +319,46 @@ def patient_bootstrap(
         "n_skipped": int(n_boot - len(used)),
         "level": 1 - alpha,
     }
+
+
+def _patient_resamples(codes: np.ndarray, n_boot: int, seed: int):
+    """Row indices of ``n_boot`` resamples of patients (``codes``: 0..P-1 per row), with replacement."""
+    # Rows grouped by patient once: patient p owns by_patient[start[p]:start[p] + size[p]].
+    by_patient = np.argsort(codes, kind="stable")
+    size = np.bincount(codes)
+    start = np.cumsum(size) - size
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        drawn = rng.integers(0, len(size), len(size))
+        lengths = size[drawn]
+        # Each output position maps to (its patient's start) + (its offset within that patient's block).
+        offsets = np.repeat(start[drawn] - (np.cumsum(lengths) - lengths), lengths)
+        yield by_patient[offsets + np.arange(lengths.sum())]
+
+
+def roc_band(y_true, score, patient, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+             grid_points: int = 101) -> list[dict]:
+    """Pointwise patient-bootstrap band of the ROC curve: TPR and its interval at fixed FPRs.
+
+    Returns:
+        ``grid_points`` dicts ``{"fpr", "tpr", "tpr_lo", "tpr_hi"}`` for FPR evenly over [0, 1]; ``tpr``
+        is the curve of all data, interpolated. Single-class resamples are skipped.
+    """
+    y, s = _binary_inputs(y_true, score)
+    _require_both_classes(y)
+    codes, _ = pd.factorize(np.asarray(patient), use_na_sentinel=False)
+    grid = np.linspace(0, 1, grid_points)
+
+    def tpr_on_grid(yb: np.ndarray, sb: np.ndarray) -> np.ndarray:
+        fpr, tpr, _ = roc_curve(yb, sb)
+        return np.interp(grid, fpr, tpr)
+
+    curves = [tpr_on_grid(y[idx], s[idx]) for idx in _patient_resamples(codes, n_boot, seed)
+              if _has_both_classes(y[idx])]
+    lo, hi = np.quantile(np.asarray(curves), [alpha / 2, 1 - alpha / 2], axis=0)
+    full = tpr_on_grid(y, s)
+    return [{"fpr": float(f), "tpr": float(t), "tpr_lo": float(a), "tpr_hi": float(b)}
+            for f, t, a, b in zip(grid, full, lo, hi)]
 
 
 def _sensitivity_at(threshold: float) -> Statistic:

@@ -1,0 +1,243 @@
+"""The ``evaluate`` stage: the numbers a promotion decision is made on, and a report people read.
+
+Scores the trained model on the validation split (where the operating threshold is chosen) and on
+the held-out test split, then writes to ``out_dir`` (``reports/``):
+
+- ``metrics.json`` (DVC metrics): per split AUC, PR-AUC, sensitivity, specificity, PPV, NPV, F1,
+  accuracy, balanced accuracy, confusion matrix, Brier score, ECE, counts, and 95% CIs from a
+  seeded bootstrap over patients; the threshold and how it was chosen;
+- ``subgroups.json``: the same at the fixed threshold per site, manufacturer and modality, with counts;
+- ``plots/``: ``roc.csv``, ``pr.csv``, ``calibration.csv`` and ``confusion.csv`` (DVC plots);
+- ``predictions.csv``: one row per scored image (pseudonymised keys only);
+- ``report.md``, ``report.html`` and ``figures/`` (:mod:`pipeline.report`).
+
+Binary tasks get every metric above; with more than two classes, ``metrics.json`` holds macro
+one-vs-rest AUC and PR-AUC (with patient-bootstrap CIs), per-class AUC, accuracy and the confusion
+matrix of the most probable class.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import metrics, models, train
+from pipeline.io_utils import atomic_write_text, csv_text
+
+log = logging.getLogger(__name__)
+
+SUBGROUP_COLUMNS = ("site", "manufacturer", "modality")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """``evaluate`` section of params.yaml.
+
+    Attributes:
+        threshold: how the operating point is chosen on the validation split: ``youden`` (max
+            sensitivity + specificity - 1) or ``sensitivity`` (highest threshold reaching
+            ``target_sensitivity``).
+        target_sensitivity: for ``threshold: sensitivity``.
+        n_boot: patient-bootstrap resamples for every CI.
+        ci_level: confidence level of the intervals.
+        seed: bootstrap seed.
+        calibration_bins: equal-width probability bins of the reliability curve and ECE.
+        subgroups: index columns to break the test metrics down by (missing ones are skipped).
+        gradcam_examples: Grad-CAM overlays per category (true positive, false positive, false negative).
+        batch_size: inference batch size.
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    threshold: str = "youden"
+    target_sensitivity: float = 0.9
+    n_boot: int = 1000
+    ci_level: float = 0.95
+    seed: int = 0
+    calibration_bins: int = 10
+    subgroups: tuple[str, ...] = SUBGROUP_COLUMNS
+    gradcam_examples: int = 3
+    batch_size: int = 32
+    device: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "subgroups", tuple(self.subgroups))
+        if self.threshold not in metrics.THRESHOLD_METHODS:
+            raise ValueError(f"evaluate.threshold: {self.threshold!r} is not one of {', '.join(metrics.THRESHOLD_METHODS)}")
+        if not 0 < self.ci_level < 1:
+            raise ValueError(f"evaluate.ci_level: {self.ci_level} is not between 0 and 1")
+
+
+@dataclass
+class EvaluateSummary:
+    classes: list[str]
+    threshold: float | None
+    test_auc: float
+    test_auc_ci: list[float]
+    test_sensitivity: float | None
+    test_specificity: float | None
+    test_images: int
+    test_patients: int
+    report: str
+
+
+def score_split(model: torch.nn.Module, data: train.SplitData, split: str, device: torch.device,
+                batch_size: int) -> np.ndarray:
+    """Class probabilities (n, K) float32 of one split's images, in the split's row order."""
+    from monai.data import DataLoader
+
+    loader = DataLoader(train.make_dataset(data, split, None), batch_size=batch_size, shuffle=False, num_workers=0)
+    probs, _ = train.predict(model, loader, device, None, channels_last=False)
+    return probs
+
+
+def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: Path, out_dir: Path, *,
+        card_path: Path | None = None, live_dir: Path | None = None, report: bool = True) -> EvaluateSummary:
+    """Evaluate ``model_path`` on the validation and test splits and write the outputs listed above.
+
+    Args:
+        params: the ``evaluate`` section.
+        model_path: ``models/model.pt`` of the train stage.
+        images_dir: preprocess output (``tensors.npy``, ``index.parquet``).
+        splits_csv: split output.
+        out_dir: ``reports/``.
+        card_path: the model card to include in the report (default: beside the model).
+        live_dir: DVCLive directory of the training curves (default: ``live/`` beside the model).
+        report: also build ``report.md``/``report.html`` with figures.
+    """
+    model_path, images_dir, out_dir = Path(model_path), Path(images_dir), Path(out_dir)
+    card_path = Path(card_path or model_path.parent / "model_card.json")
+    live_dir = Path(live_dir or model_path.parent / "live")
+    _, device = train.init_distributed(params.device)
+    model, meta = models.load_model(model_path, map_location="cpu")
+    model.to(device)
+    classes = list(meta["classes"])
+    data = train.load_splits(images_dir, Path(splits_csv), tuple(classes))
+    expected = list(meta["input_spec"]["shape"])
+    if list(data.image_shape) != expected:
+        raise ValueError(f"{images_dir / 'tensors.npy'}: images are {list(data.image_shape)} but {model_path} "
+                         f"expects {expected}; rerun preprocess with the model's input spec or retrain")
+    if len(data.rows["test"]) == 0:
+        raise ValueError(f"{splits_csv}: the test split is empty; nothing to evaluate")
+
+    index = pd.read_parquet(images_dir / "index.parquet").set_index("row")
+    probs = {s: score_split(model, data, s, device, params.batch_size) for s in ("val", "test")}
+    frames = {s: _frame(index, data, s, probs[s], classes) for s in ("val", "test")}
+    alpha = 1 - params.ci_level
+    result: dict = {"classes": classes, "ci_level": params.ci_level, "n_boot": params.n_boot}
+    if len(classes) == 2:
+        threshold = metrics.choose_threshold(frames["val"]["y_true"], frames["val"]["score"], params.threshold,
+                                             params.target_sensitivity)
+        for frame in frames.values():
+            frame["predicted"] = (frame["score"] >= threshold).astype(int)
+        result["positive_class"] = classes[1]
+        result["threshold"] = {"method": params.threshold, "value": threshold, "chosen_on": "val",
+                               **({"target_sensitivity": params.target_sensitivity}
+                                  if params.threshold == "sensitivity" else {})}
+        for split, frame in frames.items():
+            result[split] = metrics.evaluate_split(frame["y_true"], frame["score"], frame["patient_key"], threshold,
+                                                   n_boot=params.n_boot, seed=params.seed, alpha=alpha,
+                                                   n_bins=params.calibration_bins)
+        test = frames["test"]
+        subgroups = metrics.subgroup_table(test, list(params.subgroups), y_col="y_true", score_col="score",
+                                           patient_col="patient_key", threshold=threshold, n_boot=params.n_boot,
+                                           seed=params.seed)
+        roc_band = metrics.roc_band(test["y_true"], test["score"], test["patient_key"], n_boot=params.n_boot,
+                                    seed=params.seed, alpha=alpha)
+        _write_plots(out_dir / "plots", test, result["test"], [classes[int(p)] for p in test["predicted"]])
+    else:
+        threshold, subgroups, roc_band = None, [], []
+        for split, frame in frames.items():
+            result[split] = _multiclass(frame, probs[split], params, alpha)
+        _write_plots(out_dir / "plots", frames["test"], None, [classes[i] for i in probs["test"].argmax(1)])
+
+    lean = {k: v for k, v in result.items() if k not in ("val", "test")}
+    for split in ("val", "test"):
+        lean[split] = {k: v for k, v in result[split].items() if k != "calibration_curve"}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(lean, indent=2) + "\n")
+    atomic_write_text(out_dir / "subgroups.json", json.dumps({"test": subgroups}, indent=2) + "\n")
+    predictions = pd.concat([frames["val"], frames["test"]], ignore_index=True)
+    columns = ["image_id", "patient_key", "split", "label", "y_true", "score", *(["predicted"] if threshold is not None else [])]
+    atomic_write_text(out_dir / "predictions.csv", predictions[columns].to_csv(index=False, float_format="%.6f"))
+
+    report_path = ""
+    if report and len(classes) == 2:
+        from pipeline import report as report_module
+
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        paths = report_module.build_report(
+            out_dir, metrics={**result, "roc_band": {"test": roc_band},
+                              "roc": {"test": metrics.roc_points(test["y_true"], test["score"])},
+                              "subgroups": {"test": subgroups}},
+            predictions=predictions, history=read_history(live_dir), card=card, model=model.cpu(),
+            backbone=meta["backbone"], tensors=np.load(data.tensors, mmap_mode="r"),
+            n_examples=params.gradcam_examples)
+        report_path = str(paths["markdown"])
+    test_metrics = result["test"]
+    summary = EvaluateSummary(classes, threshold, test_metrics["auc"], test_metrics["auc_ci"],
+                              test_metrics.get("sensitivity"), test_metrics.get("specificity"),
+                              test_metrics["n_images"], test_metrics["n_patients"], report_path)
+    log.info("test: AUC %.3f [%.3f, %.3f] on %d images of %d patients", summary.test_auc, *summary.test_auc_ci,
+             summary.test_images, summary.test_patients)
+    return summary
+
+
+def _frame(index: pd.DataFrame, data: train.SplitData, split: str, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    rows = data.rows[split]
+    keep = [c for c in ("image_id", "patient_key", "label", *SUBGROUP_COLUMNS) if c in index.columns]
+    frame = index.loc[rows, keep].reset_index()
+    frame["split"] = split
+    frame["y_true"] = data.labels[split] if len(classes) > 2 else (data.labels[split] == 1).astype(int)
+    frame["score"] = probs[:, 1] if len(classes) == 2 else probs.max(1)
+    return frame
+
+
+def _multiclass(frame: pd.DataFrame, probs: np.ndarray, params: EvaluateParams, alpha: float) -> dict:
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    y = frame["y_true"].to_numpy()
+    disc = metrics.discrimination(y, probs)
+    boot = metrics.patient_bootstrap(y, probs, frame["patient_key"], lambda yb, pb: metrics.discrimination(yb, pb)["auc"],
+                                     n_boot=params.n_boot, seed=params.seed, alpha=alpha)
+    predicted = probs.argmax(1)
+    return {**disc, "auc_ci": boot["ci"], "accuracy": float((predicted == y).mean()),
+            "balanced_accuracy": float(balanced_accuracy_score(y, predicted)),
+            "confusion_matrix": confusion_matrix(y, predicted, labels=range(probs.shape[1])).tolist(),
+            "n_images": len(y), "n_patients": int(frame["patient_key"].nunique())}
+
+
+def _write_plots(plots_dir: Path, test: pd.DataFrame, test_metrics: dict | None, predicted: list[str]) -> None:
+    """DVC plot data of the test split: ROC, PR, calibration (binary) and the per-image confusion pairs."""
+    if test_metrics is not None:
+        roc = metrics.roc_points(test["y_true"], test["score"])
+        atomic_write_text(plots_dir / "roc.csv", csv_text(["fpr", "tpr", "threshold"],
+                                                          [(p["fpr"], p["tpr"], p["threshold"]) for p in roc]))
+        pr = metrics.pr_points(test["y_true"], test["score"])
+        atomic_write_text(plots_dir / "pr.csv", csv_text(["recall", "precision", "threshold"],
+                                                         [(p["recall"], p["precision"], p["threshold"]) for p in pr]))
+        curve = test_metrics["calibration_curve"]
+        atomic_write_text(plots_dir / "calibration.csv", csv_text(
+            ["mean_predicted", "fraction_positive", "count"],
+            [(b["mean_predicted"], b["fraction_positive"], b["count"]) for b in curve]))
+    atomic_write_text(plots_dir / "confusion.csv", csv_text(["actual", "predicted"], zip(test["label"], predicted)))
+
+
+def read_history(live_dir: Path) -> list[dict] | None:
+    """Per-epoch training curves from the train stage's DVCLive directory (None if absent)."""
+    base = Path(live_dir) / "plots" / "metrics"
+    files = {"train_loss": base / "train/loss.tsv", "val_loss": base / "val/loss.tsv", "val_auc": base / "val/auc.tsv"}
+    if not all(f.exists() for f in files.values()):
+        return None
+    merged = None
+    for name, path in files.items():
+        frame = pd.read_csv(path, sep="\t")[["step", path.stem]].rename(columns={path.stem: name})
+        merged = frame if merged is None else merged.merge(frame, on="step")
+    merged["epoch"] = merged["step"] + 1
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+            for r in merged.drop(columns="step").to_dict("records")]
