@@ -163,7 +163,8 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
     atomic_write_text(out_dir / "metrics.json", json.dumps(lean, indent=2) + "\n")
     atomic_write_text(out_dir / "subgroups.json", json.dumps({"test": subgroups}, indent=2) + "\n")
     predictions = pd.concat([frames["val"], frames["test"]], ignore_index=True)
-    columns = ["image_id", "patient_key", "split", "label", "y_true", "score", *(["predicted"] if threshold is not None else [])]
+    columns = ["image_id", "patient_key", "split", "label", "y_true", "score",
+               *(["predicted"] if threshold is not None else [f"prob_{c}" for c in classes])]
     atomic_write_text(out_dir / "predictions.csv", predictions[columns].to_csv(index=False, float_format="%.6f"))
 
     report_path = ""
@@ -195,6 +196,9 @@ def _frame(index: pd.DataFrame, data: train.SplitData, split: str, probs: np.nda
     frame["split"] = split
     frame["y_true"] = data.labels[split] if len(classes) > 2 else (data.labels[split] == 1).astype(int)
     frame["score"] = probs[:, 1] if len(classes) == 2 else probs.max(1)
+    if len(classes) > 2:
+        for i, name in enumerate(classes):
+            frame[f"prob_{name}"] = probs[:, i]
     return frame
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import json
+
+import numpy as np
+import pandas as pd
 import pytest
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 TEST_KEY = b"medtl-test-key-0123456789abcdef"
+TINY_SIZE = 32  # pixels: tiny preprocessed images for train/evaluate tests
 COHORT_PATIENTS = 40  # enough for every defect kind and transfer syntax to appear
 
 
@@ -33,3 +38,28 @@ def ingested(cohort, tmp_path_factory):
     summary = ingest.run(ingest.IngestParams(workers=2), cohort, cohort / "labels.csv", out,
                          quarantine_dir=out.parent / "quarantine", key=TEST_KEY)
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory) -> tuple[Path, Path]:
+    """A preprocess-like output: 48 images of 24 patients, lesions a bright blob; and its splits.csv."""
+    out = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    n = 48
+    labels = np.array(["lesion" if i % 3 == 0 else "normal" for i in range(n // 2)]).repeat(2)
+    tensors = rng.normal(0.4, 0.05, (n, 3, TINY_SIZE, TINY_SIZE))
+    yy, xx = np.mgrid[:TINY_SIZE, :TINY_SIZE]
+    for i in np.flatnonzero(labels == "lesion"):
+        cy, cx = rng.integers(8, TINY_SIZE - 8, 2)
+        tensors[i, :, (yy - cy) ** 2 + (xx - cx) ** 2 < 16] += 0.4
+    np.save(out / "tensors.npy", np.clip(tensors, 0, 1).astype(np.float16))
+    patients = [f"P-{i // 2:04d}" for i in range(n)]
+    index = pd.DataFrame({"row": np.arange(n), "image_id": [f"{i:016x}" for i in range(n)], "patient_key": patients,
+                          "label": labels, "modality": np.array(["DX", "CR", "CT"])[np.arange(n) % 3],
+                          "site": np.array(["site-a", "site-b"])[np.arange(n) // 8 % 2]})
+    index.to_parquet(out / "index.parquet")
+    (out / "fingerprint.json").write_text(json.dumps({"images": n, "params": {"size": TINY_SIZE}}))
+    split = np.where(np.arange(n) // 2 % 4 == 0, "val", np.where(np.arange(n) // 2 % 4 == 1, "test", "train"))
+    splits = tmp_path_factory.mktemp("splits") / "splits.csv"
+    index.assign(split=split)[["image_id", "patient_key", "label", "split"]].to_csv(splits, index=False)
+    return out, splits

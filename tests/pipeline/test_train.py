@@ -17,33 +17,14 @@ import yaml
 
 from pipeline import models, train
 
-SIZE = 32
+from tests.conftest import TINY_SIZE as SIZE
+
 TINY = train.TrainParams(epochs=2, batch_size=8, patience=0, workers=0, device="cpu", channels_last=False)
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> tuple[Path, Path]:
-    """A preprocess-like output: 48 images of 24 patients, lesions a bright blob; and its splits.csv."""
-    out = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    n = 48
-    labels = np.array(["lesion" if i % 3 == 0 else "normal" for i in range(n // 2)]).repeat(2)
-    tensors = rng.normal(0.4, 0.05, (n, 3, SIZE, SIZE))
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    for i in np.flatnonzero(labels == "lesion"):
-        cy, cx = rng.integers(8, SIZE - 8, 2)
-        tensors[i, :, (yy - cy) ** 2 + (xx - cx) ** 2 < 16] += 0.4
-    np.save(out / "tensors.npy", np.clip(tensors, 0, 1).astype(np.float16))
-    patients = [f"P-{i // 2:04d}" for i in range(n)]
-    index = pd.DataFrame({"row": np.arange(n), "image_id": [f"{i:016x}" for i in range(n)], "patient_key": patients,
-                          "label": labels, "modality": np.array(["DX", "CR", "CT"])[np.arange(n) % 3],
-                          "site": "site-a"})
-    index.to_parquet(out / "index.parquet")
-    (out / "fingerprint.json").write_text(json.dumps({"images": n, "params": {"size": SIZE}}))
-    split = np.where(np.arange(n) // 2 % 4 == 0, "val", np.where(np.arange(n) // 2 % 4 == 1, "test", "train"))
-    splits = tmp_path_factory.mktemp("splits") / "splits.csv"
-    index.assign(split=split)[["image_id", "patient_key", "label", "split"]].to_csv(splits, index=False)
-    return out, splits
+def images(tiny_images):
+    return tiny_images
 
 
 def _run(images, out: Path, params=TINY, model_params=None, **kwargs):
