@@ -518,7 +518,7 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
             step += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         train_s = time.perf_counter() - epoch_start
         if dist.world_size > 1:
             # DDP syncs BatchNorm statistics at the start of each forward, so the last batch leaves
