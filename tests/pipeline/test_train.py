@@ -141,3 +141,14 @@ def test_ddp_two_cpu_processes_agree_on_the_weights(images, tmp_path):
     metrics = json.loads((tmp_path / "out/train_metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["ddp_weights_agree"] is True
     assert metrics["train_images"] == 24 and metrics["epochs_run"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_amp_channels_last_compile(images, tmp_path):
+    params = replace(TINY, device="cuda", channels_last=True, compile=True, workers=2)
+    summary = _run(images, tmp_path, params)
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert card["training"]["amp"] in {"bfloat16", "float16"} and summary.device != "cpu"
+    model, _ = models.load_model(tmp_path / "model.pt")
+    assert model(torch.rand(1, 3, SIZE, SIZE)).shape == (1, 2)
