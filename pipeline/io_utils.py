@@ -10,6 +10,9 @@ import tempfile
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+# mkstemp creates files 0600; outputs get the permissions a plain open() would give them
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 #: names of the temporary files atomic_write_bytes leaves behind when a process is killed mid-write
 TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
@@ -31,6 +34,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
