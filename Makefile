@@ -17,7 +17,7 @@ setup-dev:
 ## demo: set up, then run the pipeline (dvc repro) on the embedded synthetic cohort
 demo: setup
 	dvc repro
-	@echo; echo "== ingest summary (data/interim/ingest/summary.json) =="; dvc metrics show
+	@echo; medtl summary
 
 ## test: set up with test dependencies, then run the whole test suite
 test: setup-dev

@@ -100,6 +100,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from pipeline import evaluate
+
+    reports, models_dir = Path(args.reports), Path(args.models)
+    metrics_path = reports / "metrics.json"
+    if not metrics_path.exists():
+        log.error("%s does not exist: run `dvc repro` (or `medtl evaluate`) first", metrics_path)
+        return 2
+    card = json.loads((models_dir / "model_card.json").read_text()) if (models_dir / "model_card.json").exists() else {}
+    if card:
+        print(f"model: {card['backbone']} ({card['strategy']}, weights {card['weights']['source']}), best epoch "
+              f"{card['validation']['best_epoch']} of {card['training']['epochs_run']}, "
+              f"{card['training']['wall_s']:.0f} s on {card['training']['device']}")
+    print(evaluate.metrics_table(json.loads(metrics_path.read_text())))
+    print(f"report: {reports / 'report.html'} (or report.md); curves and plots: `dvc plots show`")
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from pipeline import deid
 
@@ -160,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report directory (metrics.json, plots/, report.md, ...)")
     p.add_argument("--device", help="params evaluate.device: auto, cpu, cuda")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("summary", help="print the trained model and its test metrics with CIs")
+    p.add_argument("--reports", default="reports", help="evaluate output (default: %(default)s)")
+    p.add_argument("--models", default="models", help="train output (default: %(default)s)")
+    p.set_defaults(func=_cmd_summary)
 
     p = sub.add_parser("keygen", help="create a local pseudonymisation key file")
     p.add_argument("--path", default=".medtl/pseudonym.key", help="where to write it (default: %(default)s)")

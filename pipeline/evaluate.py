@@ -160,6 +160,10 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
     lean = {k: v for k, v in result.items() if k not in ("val", "test")}
     for split in ("val", "test"):
         lean[split] = {k: v for k, v in result[split].items() if k != "calibration_curve"}
+        # `dvc metrics show` / `dvc exp show` display scalars only: each interval also as two numbers
+        for key, value in list(lean[split].items()):
+            if key.endswith("_ci") and isinstance(value, list) and len(value) == 2:
+                lean[split][f"{key}_lo"], lean[split][f"{key}_hi"] = value
     atomic_write_text(out_dir / "metrics.json", json.dumps(lean, indent=2) + "\n")
     atomic_write_text(out_dir / "subgroups.json", json.dumps({"test": subgroups}, indent=2) + "\n")
     predictions = pd.concat([frames["val"], frames["test"]], ignore_index=True)
@@ -245,3 +249,31 @@ def read_history(live_dir: Path) -> list[dict] | None:
     merged["epoch"] = merged["step"] + 1
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
             for r in merged.drop(columns="step").to_dict("records")]
+
+
+_TABLE_ROWS = (("AUC", "auc", "auc_ci"), ("PR-AUC", "pr_auc", "pr_auc_ci"),
+               ("Sensitivity", "sensitivity", "sensitivity_ci"), ("Specificity", "specificity", "specificity_ci"),
+               ("PPV", "ppv", None), ("NPV", "npv", None), ("Accuracy", "accuracy", None),
+               ("Balanced accuracy", "balanced_accuracy", None), ("Brier score", "brier", None), ("ECE", "ece", None))
+
+
+def metrics_table(result: dict) -> str:
+    """A markdown table of ``metrics.json``: test value with its CI, and validation, per metric."""
+    def fmt(value) -> str:
+        return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+    level = int(round(100 * result.get("ci_level", 0.95)))
+    lines = [f"| metric | test | {level}% CI (patients) | validation |", "|---|---|---|---|"]
+    test, val = result["test"], result.get("val", {})
+    for name, key, ci_key in _TABLE_ROWS:
+        if key not in test:
+            continue
+        ci = test.get(ci_key) if ci_key else None
+        lines.append(f"| {name} | {fmt(test[key])} | {f'[{fmt(ci[0])}, {fmt(ci[1])}]' if ci else ''} | "
+                     f"{fmt(val.get(key))} |")
+    lines.append(f"| images / patients | {test['n_images']} / {test['n_patients']} | | "
+                 f"{val.get('n_images', '')} / {val.get('n_patients', '')} |")
+    if "threshold" in result:
+        lines.append(f"| threshold ({result['threshold']['method']}, on validation) | "
+                     f"{fmt(result['threshold']['value'])} | | |")
+    return "\n".join(lines)

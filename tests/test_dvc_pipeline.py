@@ -28,11 +28,12 @@ def project(tmp_path_factory) -> Path:
         shutil.copy(ROOT / name, proj / name)
     shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["synth"]["patients"] = 8
+    params["synth"]["patients"] = 20  # val and test need patients of both classes
     params["ingest"]["workers"] = 1
     # the real config, shrunk: tiny images, one epoch
     params["preprocess"]["size"] = 64
     params["train"].update(epochs=1, batch_size=8)
+    params["evaluate"].update(n_boot=50, gradcam_examples=1)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     assert _dvc(proj, "init", "-q").returncode == 0
@@ -61,6 +62,9 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(project):
     assert card["input_spec"]["shape"] == [3, 64, 64] and card["training"]["epochs_run"] == 1
     assert card["weights"]["backbone_tensors_loaded"] == card["weights"]["backbone_tensors"] > 0
     assert (project / "models/model.pt").is_file() and (project / "models/checkpoints/last.pt").is_file()
+    test = json.loads((project / "reports/metrics.json").read_text())["test"]
+    assert test["n_images"] > 0 and len(test["auc_ci"]) == 2
+    assert (project / "reports/report.html").is_file() and (project / "reports/figures/roc.png").is_file()
 
     second = _dvc(project, "repro")
     assert second.returncode == 0, second.stderr
@@ -71,7 +75,11 @@ def test_dvc_repro_runs_the_stages_then_is_a_no_op(project):
     metrics = _dvc(project, "metrics", "show", "--json")
     assert metrics.returncode == 0 and "files_seen" in metrics.stdout and "best_val_auc" in metrics.stdout
     plots = _dvc(project, "plots", "show", "--json")
-    assert plots.returncode == 0 and "val/auc" in plots.stdout.replace("\\", "/"), plots.stdout[:2000]
+    shown = plots.stdout.replace("\\", "/")
+    assert plots.returncode == 0 and "val/auc" in shown and "ROC (test)" in shown, plots.stdout[:2000]
+    summary = subprocess.run([sys.executable, "-m", "pipeline.cli", "summary"], cwd=project, capture_output=True,
+                             text=True, timeout=120)
+    assert summary.returncode == 0 and "| AUC |" in summary.stdout, summary.stderr
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ def test_metrics_json_has_what_a_promotion_needs_and_matches_sklearn(evaluated):
                 "balanced_accuracy", "brier", "ece", "pr_auc", "confusion_matrix"):
         assert key in test, key
     assert len(test["auc_ci"]) == 2 and test["auc_ci"][0] <= test["auc"] <= test["auc_ci"][1]
+    assert [test["auc_ci_lo"], test["auc_ci_hi"]] == test["auc_ci"], "scalars for dvc metrics show"
     predictions = pd.read_csv(out / "predictions.csv", dtype={"image_id": str})
     rows = predictions[predictions["split"] == "test"]
     assert test["n_images"] == len(rows) == 12 and test["n_patients"] == rows["patient_key"].nunique() == 6
@@ -95,3 +96,12 @@ def test_more_than_two_classes_get_macro_one_vs_rest(tiny_images, tmp_path):
     assert test["auc"] == pytest.approx(expected, abs=1e-6)
     assert set(test["per_class"]) == {"0", "1", "2"} and len(test["auc_ci"]) == 2
     assert np.array(test["confusion_matrix"]).sum() == test["n_images"] == len(rows)
+
+
+def test_the_summary_table_shows_each_metric_with_its_ci(evaluated):
+    out, _ = evaluated
+    result = json.loads((out / "metrics.json").read_text())
+    table = evaluate.metrics_table(result)
+    lo, hi = result["test"]["auc_ci"]
+    assert f"| AUC | {result['test']['auc']:.3f} | [{lo:.3f}, {hi:.3f}] |" in table
+    assert f"| {result['test']['n_images']} / {result['test']['n_patients']} |" in table
