@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import yaml
 
 from pipeline.params import ParamsError, load_section
 
@@ -118,6 +120,52 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class RetrainParams:
+    """``retrain`` section of params.yaml: the Prefect flow's schedule and defaults."""
+
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+    promote: bool = True
+    push: bool = True
+    lock_timeout_s: float = 0.0
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ParamsError(f"-S {pair!r}: expected section.key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import retrain
+
+    repo = Path(args.repo).resolve()
+    params = load_section(RetrainParams, repo / "params.yaml", "retrain")
+    result = retrain(repo=str(repo), overrides=_overrides(args.set), promote=params.promote and not args.no_promote,
+                     push=params.push and not args.no_push, lock_timeout_s=params.lock_timeout_s)
+    print(f"retrain: stages {result['stages']}; pushed: {result['pushed']}")
+    if result["promotion"]:
+        decision = result["promotion"]["decision"]
+        print(("promoted" if decision["promote"] else "not promoted") + ": " + "; ".join(decision["reasons"]))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from flows.retrain import retrain
+
+    repo = Path(args.repo).resolve()
+    params = load_section(RetrainParams, repo / "params.yaml", "retrain")
+    print(f"serving deployment retrain/{args.name}: cron {params.cron!r} ({params.timezone}); Ctrl-C stops it")
+    retrain.serve(name=args.name, cron=params.cron, parameters={
+        "repo": str(repo), "promote": params.promote, "push": params.push, "lock_timeout_s": params.lock_timeout_s})
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from pipeline import deid
 
@@ -183,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", default="reports", help="evaluate output (default: %(default)s)")
     p.add_argument("--models", default="models", help="train output (default: %(default)s)")
     p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("retrain", help="run the Prefect retrain flow once (all stages through DVC, promote, push)")
+    p.add_argument("--repo", default=".", help="project directory (default: %(default)s)")
+    p.add_argument("-S", "--set", action="append", metavar="SECTION.KEY=VALUE", help="params.yaml override (kept)")
+    p.add_argument("--no-promote", action="store_true", help="skip the champion/challenger step")
+    p.add_argument("--no-push", action="store_true", help="skip dvc push")
+    p.set_defaults(func=_cmd_retrain)
+
+    p = sub.add_parser("serve", help="serve the retrain flow on the params cron schedule (weekly by default)")
+    p.add_argument("--repo", default=".", help="project directory (default: %(default)s)")
+    p.add_argument("--name", default="weekly", help="deployment name (default: %(default)s)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("keygen", help="create a local pseudonymisation key file")
     p.add_argument("--path", default=".medtl/pseudonym.key", help="where to write it (default: %(default)s)")

@@ -1,0 +1,213 @@
+"""The ``retrain`` flow: the DVC pipeline as Prefect tasks, one per stage, plus promotion and push.
+
+Each stage task runs ``dvc repro --single-item <stage>`` in the project, so a scheduled run and a
+workstation ``dvc repro`` share one cache, one dvc.lock and one result; unchanged stages are skipped
+by DVC and shown as ``Skipped`` in the UI. Stage output streams into the task's log. The flow holds
+a lock file for its whole run: one run per repository at a time (DVC itself allows only one process).
+Nothing is computed here: stages compute, this module orchestrates and publishes artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.states import Completed
+
+LOCK_FILE = ".medtl/retrain.lock"
+_EPOCH = re.compile(r"epoch (\d+)/(\d+): train loss")
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message carries the end of its output."""
+
+
+class RepoBusy(RuntimeError):
+    """Another retrain run holds the repository lock."""
+
+
+def _dvc() -> list[str]:
+    return [sys.executable, "-m", "dvc"]
+
+
+def _env() -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)
+    return dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
+                PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def pipeline_stages(repo: Path) -> list[str]:
+    """Stage names in dvc.yaml order (dvc.yaml is the one definition of the stages)."""
+    return list((yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {}))
+
+
+@task(name="stage", task_run_name="{stage}")
+def run_stage(repo: Path, stage: str):
+    """``dvc repro --single-item <stage>``, its output streamed line by line into the task log."""
+    logger = get_run_logger()
+    progress_id = None
+    tail: list[str] = []
+    started = time.perf_counter()
+    proc = subprocess.Popen([*_dvc(), "repro", "--single-item", stage], cwd=repo, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    skipped = False
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        for line in raw.replace("\r", "\n").splitlines():
+            line = line.rstrip()
+            if not line or line.lstrip().startswith("epoch") and "batch/s" in line:
+                continue  # progress-bar frames: the epoch log lines carry the same news
+            logger.info("%s", line)
+            tail = (tail + [line])[-30:]
+            skipped = skipped or "didn't change, skipping" in line
+            match = _EPOCH.search(line)
+            if match:
+                done, total = int(match.group(1)), int(match.group(2))
+                if progress_id is None:
+                    progress_id = create_progress_artifact(progress=0.0, key=f"{stage}-progress",
+                                                           description=f"{stage}: epochs done / planned")
+                update_progress_artifact(progress_id, progress=100.0 * done / total)
+    code = proc.wait()
+    if code != 0:
+        raise StageFailed(f"stage {stage} failed (dvc exit {code}):\n" + "\n".join(tail[-15:]))
+    seconds = round(time.perf_counter() - started, 1)
+    if skipped:
+        return Completed(name="Skipped", message=f"{stage}: unchanged, skipped by DVC",
+                         data={"stage": stage, "ran": False, "seconds": seconds})
+    return {"stage": stage, "ran": True, "seconds": seconds}
+
+
+@task(name="promote")
+def promote_task(repo: Path, force: bool = False) -> dict:
+    from pipeline import evaluate, promote
+    from pipeline.params import load_section
+
+    params_file = repo / "params.yaml"
+    params = load_section(promote.PromoteParams, params_file, "promote")
+    registry = params.registry if Path(params.registry).is_absolute() else str(repo / params.registry)
+    return promote.run(replace(params, registry=registry), repo / "models/model.pt", repo / "reports",
+                       repo / "data/processed/images", repo / "data/processed/splits.csv",
+                       evaluate_params=load_section(evaluate.EvaluateParams, params_file, "evaluate"), force=force)
+
+
+@task(name="dvc push", retries=2, retry_delay_seconds=10)
+def push_task(repo: Path) -> str:
+    """``dvc push`` to the default remote (network or disk trouble is worth a retry); raw data is push: false."""
+    logger = get_run_logger()
+    remote = subprocess.run([*_dvc(), "remote", "default"], cwd=repo, env=_env(), capture_output=True, text=True)
+    if remote.returncode != 0 or not remote.stdout.strip():
+        logger.warning("no default DVC remote configured: nothing pushed (dvc remote add -d ...)")
+        return "no remote"
+    done = subprocess.run([*_dvc(), "push"], cwd=repo, env=_env(), capture_output=True, text=True)
+    for line in (done.stdout + done.stderr).splitlines():
+        if line.strip():
+            logger.info("%s", line)
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc push to {remote.stdout.strip()} failed: {done.stderr.strip()[-2000:]}")
+    return remote.stdout.strip()
+
+
+def apply_overrides(repo: Path, overrides: dict[str, Any]) -> None:
+    """Set ``section.key`` values in params.yaml (as ``dvc exp run -S`` does), keeping its comments."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    path = repo / "params.yaml"
+    data = yaml_rt.load(path.read_text())
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(f"params override {dotted!r}: no section {part!r} in {path}")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"params override {dotted!r}: no key {leaf!r} in {path} (known: {sorted(node)})")
+        node[leaf] = value
+    tmp = path.with_suffix(".yaml.tmp")
+    with open(tmp, "w") as fh:
+        yaml_rt.dump(data, fh)
+    os.replace(tmp, path)
+
+
+def _publish(repo: Path, promotion: dict | None) -> None:
+    from pipeline import evaluate
+
+    summary_path = repo / "data/interim/ingest/summary.json"
+    if summary_path.exists():
+        s = json.loads(summary_path.read_text())
+        rejected = "\n".join(f"| {reason} | {count} |" for reason, count in sorted(s.get("rejected", {}).items()))
+        create_markdown_artifact(
+            key="ingest-summary", description="Ingest: files, images, patients, rejected by reason",
+            markdown=(f"# Ingest\n\n{s['files_seen']} files seen, {s['ingested']} ingested as {s['images']} images "
+                      f"of {s['patients']} patients, {sum(s.get('rejected', {}).values())} rejected.\n\n"
+                      f"| rejected: reason | files |\n|---|---|\n{rejected}\n"))
+    metrics_path = repo / "reports/metrics.json"
+    if metrics_path.exists():
+        create_markdown_artifact(key="test-metrics", description="Test metrics with patient-bootstrap 95% CIs",
+                                 markdown="# Test metrics\n\n" + evaluate.metrics_table(json.loads(metrics_path.read_text())))
+    report_path = repo / "reports/report.md"
+    if report_path.exists():
+        create_markdown_artifact(key="evaluation-report", description="Evaluation report (figures in reports/report.html)",
+                                 markdown=report_path.read_text())
+    if promotion is not None:
+        decision = promotion["decision"]
+        verdict = "promoted" if decision["promote"] else "not promoted"
+        create_markdown_artifact(
+            key="promotion-decision", description="Champion/challenger decision",
+            markdown=(f"# Promotion: {verdict}\n\nChampion before: {promotion.get('champion_before')}; after: "
+                      f"{promotion.get('champion_after')}\n\n" + "\n".join(f"- {r}" for r in decision["reasons"])))
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(repo: str = ".", overrides: dict[str, Any] | None = None, promote: bool = True, push: bool = True,
+            lock_timeout_s: float = 0.0) -> dict:
+    """Run the pipeline's stages through DVC, then promote the model if it is better, then push.
+
+    Args:
+        repo: the project directory (dvc.yaml, params.yaml).
+        overrides: params.yaml values to set first, as ``{"train.epochs": 5}`` (kept, like ``dvc exp run -S``).
+        promote: compare with the champion and promote if better.
+        push: ``dvc push`` to the default remote after a successful run.
+        lock_timeout_s: how long to wait for another run's lock before failing (0: fail at once).
+    """
+    from filelock import FileLock, Timeout
+
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    lock_path = root / LOCK_FILE
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=lock_timeout_s)
+    except Timeout:
+        raise RepoBusy(f"another retrain run holds {lock_path}; waited {lock_timeout_s:.0f} s") from None
+    try:
+        if overrides:
+            apply_overrides(root, overrides)
+        results = {}
+        for stage in pipeline_stages(root):
+            state = run_stage(root, stage, return_state=True)
+            if state.is_failed():
+                raise StageFailed(f"stage {stage} failed: {state.message}")
+            results[stage] = "skipped" if state.name == "Skipped" else "ran"
+        promotion = promote_task(root) if promote else None
+        _publish(root, promotion)
+        pushed = push_task(root) if push else "off"
+        logger.info("retrain: %s; promotion %s; push %s", results,
+                    promotion["decision"]["promote"] if promotion else "off", pushed)
+        return {"stages": results, "promotion": promotion, "pushed": pushed}
+    finally:
+        lock.release()
+
+

@@ -1,0 +1,114 @@
+"""The retrain flow end to end on a shrunk synthetic project, against Prefect's ephemeral test server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_dvc_pipeline import ROOT, _dvc
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect")]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    proj = tmp_path_factory.mktemp("flowproject")
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, proj / name)
+    shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["synth"]["patients"] = 20
+    params["ingest"]["workers"] = 1
+    params["preprocess"]["size"] = 64
+    params["train"].update(epochs=1, batch_size=8)
+    params["evaluate"].update(n_boot=50, gradcam_examples=1)
+    params["promote"].update(n_boot=50)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=medtl-test", "-c", "user.email=test@medtl.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    assert _dvc(proj, "init", "-q").returncode == 0
+    assert _dvc(proj, "remote", "add", "-d", "local", str(proj.parent / "remote")).returncode == 0
+    subprocess.run([*git, "add", "-A"], cwd=proj, check=True)
+    subprocess.run([*git, "commit", "-qm", "project"], cwd=proj, check=True)
+    return proj
+
+
+def _artifacts() -> dict[str, list]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts()
+    out: dict[str, list] = {}
+    for artifact in found:
+        out.setdefault(artifact.key, []).append(artifact)
+    return out
+
+
+def test_first_run_runs_every_stage_publishes_and_promotes(harness, project):
+    from flows.retrain import pipeline_stages, retrain
+
+    result = retrain(repo=str(project))
+    assert result["stages"] == {stage: "ran" for stage in pipeline_stages(project)}
+    assert list(result["stages"]) == ["synth", "ingest", "preprocess", "split", "train", "evaluate"]
+    assert result["promotion"]["decision"]["promote"] is True
+    champion = json.loads((project / "registry/champion.json").read_text())
+    assert champion["version"] in (1, "0001", "1")
+    assert result["pushed"] == str(project.parent / "remote")
+    artifacts = _artifacts()
+    for key in ("ingest-summary", "test-metrics", "evaluation-report", "promotion-decision", "train-progress"):
+        assert key in artifacts, f"artifact {key} missing: {sorted(artifacts)}"
+    assert "| AUC |" in artifacts["test-metrics"][0].data
+    assert artifacts["train-progress"][0].data == 100.0
+
+
+def test_second_run_skips_unchanged_stages(harness, project):
+    from flows.retrain import retrain
+
+    lock_before = (project / "dvc.lock").read_text()
+    result = retrain(repo=str(project), push=False)
+    assert set(result["stages"].values()) == {"skipped"}
+    assert (project / "dvc.lock").read_text() == lock_before
+    assert result["promotion"]["decision"]["promote"] is False, "the champion itself is not promoted again"
+
+
+def test_a_failing_stage_fails_the_flow_with_its_error_and_the_rerun_resumes(harness, project):
+    from flows.retrain import retrain
+
+    state = retrain(repo=str(project), overrides={"train.strategy": "bogus"}, promote=False, push=False,
+                    return_state=True)
+    assert state.is_failed()
+    assert "stage train failed" in state.message and "train.strategy" in state.message
+    result = retrain(repo=str(project), overrides={"train.strategy": "finetune"}, promote=False, push=False)
+    assert result["stages"]["ingest"] == "skipped" and result["stages"]["train"] in {"ran", "skipped"}
+
+
+def test_a_second_run_on_a_locked_repo_fails_clearly_and_changes_nothing(harness, project):
+    from filelock import FileLock
+
+    from flows.retrain import LOCK_FILE, retrain
+
+    params_before = (project / "params.yaml").read_text()
+    with FileLock(str(project / LOCK_FILE)):
+        state = retrain(repo=str(project), overrides={"train.epochs": 2}, return_state=True)
+    assert state.is_failed() and "another retrain run holds" in state.message
+    assert (project / "params.yaml").read_text() == params_before
+
+
+def test_unknown_override_is_an_error_naming_the_key(harness, project):
+    from flows.retrain import retrain
+
+    state = retrain(repo=str(project), overrides={"train.epoks": 2}, return_state=True)
+    assert state.is_failed() and "train.epoks" in state.message
