@@ -397,7 +397,7 @@ def subgroup_table(
 
     Returns:
         One dict per (column, value): ``group, value, n_images, n_patients, n_positive, auc`` (nan for a
-        single-class subgroup), ``auc_ci`` (``[lo, hi]`` or None when not bootstrapped or single-class),
+        single-class subgroup), ``auc_ci`` (``[lo, hi]``, or None when not bootstrapped, single-class or one patient),
         ``sensitivity, specificity, accuracy``.
     """
     rows = []
@@ -405,7 +405,8 @@ def subgroup_table(
         for value, sub in frame.groupby(column, dropna=False, sort=True):
             y, s = _binary_inputs(sub[y_col].to_numpy(), sub[score_col].to_numpy())
             auc_ci = None
-            if n_boot > 0 and _has_both_classes(y):
+            # one patient cannot be resampled: an interval over patients does not exist there
+            if n_boot > 0 and _has_both_classes(y) and sub[patient_col].nunique(dropna=False) >= 2:
                 auc_ci = patient_bootstrap(y, s, sub[patient_col].to_numpy(), _rank_auc, n_boot, seed)["ci"]
             op = operating_point(y, s, threshold)
             rows.append({

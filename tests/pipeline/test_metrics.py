@@ -336,3 +336,11 @@ def test_evaluate_split_report():
         assert lo <= report[key] <= hi
     assert report["n_images"] == len(y) and report["n_patients"] == 120 and report["n_positive"] == y.sum()
     assert {k: report[k] for k in operating_point(y, s, 0.5)} == operating_point(y, s, 0.5)
+
+
+def test_a_one_patient_subgroup_has_an_auc_but_no_patient_interval():
+    frame = pd.DataFrame({"y_true": [0, 1, 0, 1, 1, 0], "score": [0.1, 0.9, 0.3, 0.7, 0.6, 0.2],
+                          "patient": ["P1", "P1", "P2", "P2", "P3", "P3"], "site": ["A", "A", "B", "B", "B", "B"]})
+    rows = {r["value"]: r for r in subgroup_table(frame, ["site"], threshold=0.5, n_boot=50)}
+    assert rows["A"]["n_patients"] == 1 and rows["A"]["auc"] == 1.0 and rows["A"]["auc_ci"] is None
+    assert rows["B"]["auc_ci"] is not None
