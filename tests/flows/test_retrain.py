@@ -66,7 +66,7 @@ def test_first_run_runs_every_stage_publishes_and_promotes(harness, project):
     assert result["promotion"]["decision"]["promote"] is True
     champion = json.loads((project / "registry/champion.json").read_text())
     assert champion["version"] in (1, "0001", "1")
-    assert result["pushed"] == str(project.parent / "remote")
+    assert result["pushed"] == "local" and any((project.parent / "remote").rglob("*"))
     artifacts = _artifacts()
     for key in ("ingest-summary", "test-metrics", "evaluation-report", "promotion-decision", "train-progress"):
         assert key in artifacts, f"artifact {key} missing: {sorted(artifacts)}"
