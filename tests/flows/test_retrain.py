@@ -57,10 +57,18 @@ def _artifacts() -> dict[str, list]:
     return out
 
 
-def test_first_run_runs_every_stage_publishes_and_promotes(harness, project):
-    from flows.retrain import pipeline_stages, retrain
+@pytest.fixture(scope="module")
+def first_run(harness, project) -> dict:
+    """The first flow run on the project (tests may run in any order: each asks for it)."""
+    from flows.retrain import retrain
 
-    result = retrain(repo=str(project))
+    return retrain(repo=str(project))
+
+
+def test_first_run_runs_every_stage_publishes_and_promotes(first_run, project):
+    from flows.retrain import pipeline_stages
+
+    result = first_run
     assert result["stages"] == {stage: "ran" for stage in pipeline_stages(project)}
     assert list(result["stages"]) == ["synth", "ingest", "preprocess", "split", "train", "evaluate"]
     assert result["promotion"]["decision"]["promote"] is True
@@ -74,7 +82,7 @@ def test_first_run_runs_every_stage_publishes_and_promotes(harness, project):
     assert artifacts["train-progress"][0].data == 100.0
 
 
-def test_second_run_skips_unchanged_stages(harness, project):
+def test_second_run_skips_unchanged_stages(first_run, project):
     from flows.retrain import retrain
 
     lock_before = (project / "dvc.lock").read_text()
@@ -84,7 +92,7 @@ def test_second_run_skips_unchanged_stages(harness, project):
     assert result["promotion"]["decision"]["promote"] is False, "the champion itself is not promoted again"
 
 
-def test_a_failing_stage_fails_the_flow_with_its_error_and_the_rerun_resumes(harness, project):
+def test_a_failing_stage_fails_the_flow_with_its_error_and_the_rerun_resumes(first_run, project):
     from flows.retrain import retrain
 
     state = retrain(repo=str(project), overrides={"train.strategy": "bogus"}, promote=False, push=False,
@@ -95,7 +103,7 @@ def test_a_failing_stage_fails_the_flow_with_its_error_and_the_rerun_resumes(har
     assert result["stages"]["ingest"] == "skipped" and result["stages"]["train"] in {"ran", "skipped"}
 
 
-def test_a_second_run_on_a_locked_repo_fails_clearly_and_changes_nothing(harness, project):
+def test_a_second_run_on_a_locked_repo_fails_clearly_and_changes_nothing(first_run, project):
     from filelock import FileLock
 
     from flows.retrain import LOCK_FILE, retrain
@@ -107,7 +115,7 @@ def test_a_second_run_on_a_locked_repo_fails_clearly_and_changes_nothing(harness
     assert (project / "params.yaml").read_text() == params_before
 
 
-def test_unknown_override_is_an_error_naming_the_key(harness, project):
+def test_unknown_override_is_an_error_naming_the_key(first_run, project):
     from flows.retrain import retrain
 
     state = retrain(repo=str(project), overrides={"train.epoks": 2}, return_state=True)
