@@ -9,27 +9,17 @@ scores test AUC 0.5 ± 0.1 on these 38 images and cannot separate the held-out C
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tests.test_dvc_pipeline import ROOT, _dvc
+from tests.test_dvc_pipeline import _dvc, scratch_project
 
 
 @pytest.mark.slow
 def test_default_config_learns_the_synthetic_task(tmp_path):
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    git = ["git", "-c", "user.name=medtl-test", "-c", "user.email=test@medtl.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    assert _dvc(tmp_path, "init", "-q").returncode == 0
-    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
-    subprocess.run([*git, "commit", "-qm", "project"], cwd=tmp_path, check=True)
+    scratch_project(tmp_path, shrink=False)
 
     done = _dvc(tmp_path, "repro")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

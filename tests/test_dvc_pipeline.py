@@ -21,26 +21,37 @@ def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    proj = tmp_path_factory.mktemp("project")
+def scratch_project(proj: Path, shrink: bool = True, remote: Path | None = None) -> Path:
+    """A git + DVC project in ``proj`` with this repository's dvc.yaml, params.yaml and pipeline/.
+
+    ``shrink``: the real config, shrunk (20 patients, 64 px images, one epoch, 50 bootstrap resamples).
+    ``remote``: a default local DVC remote.
+    """
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, proj / name)
     shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["synth"]["patients"] = 20  # val and test need patients of both classes
-    params["ingest"]["workers"] = 1
-    # the real config, shrunk: tiny images, one epoch
-    params["preprocess"]["size"] = 64
-    params["train"].update(epochs=1, batch_size=8)
-    params["evaluate"].update(n_boot=50, gradcam_examples=1)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if shrink:
+        params = yaml.safe_load((proj / "params.yaml").read_text())
+        params["synth"]["patients"] = 20  # val and test need patients of both classes
+        params["ingest"]["workers"] = 1
+        params["preprocess"]["size"] = 64
+        params["train"].update(epochs=1, batch_size=8)
+        params["evaluate"].update(n_boot=50, gradcam_examples=1)
+        params["promote"].update(n_boot=50)
+        (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     assert _dvc(proj, "init", "-q").returncode == 0
+    if remote is not None:
+        assert _dvc(proj, "remote", "add", "-d", "local", str(remote)).returncode == 0
     git = ["git", "-c", "user.name=medtl-test", "-c", "user.email=test@medtl.invalid"]
     subprocess.run([*git, "add", "-A"], cwd=proj, check=True)
     subprocess.run([*git, "commit", "-qm", "project"], cwd=proj, check=True)
     return proj
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return scratch_project(tmp_path_factory.mktemp("project"))
 
 
 @pytest.mark.slow

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.test_dvc_pipeline import ROOT, _dvc
+from tests.test_dvc_pipeline import scratch_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect")]
 
@@ -26,24 +23,7 @@ def harness():
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     proj = tmp_path_factory.mktemp("flowproject")
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, proj / name)
-    shutil.copytree(ROOT / "pipeline", proj / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["synth"]["patients"] = 20
-    params["ingest"]["workers"] = 1
-    params["preprocess"]["size"] = 64
-    params["train"].update(epochs=1, batch_size=8)
-    params["evaluate"].update(n_boot=50, gradcam_examples=1)
-    params["promote"].update(n_boot=50)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=medtl-test", "-c", "user.email=test@medtl.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
-    assert _dvc(proj, "init", "-q").returncode == 0
-    assert _dvc(proj, "remote", "add", "-d", "local", str(proj.parent / "remote")).returncode == 0
-    subprocess.run([*git, "add", "-A"], cwd=proj, check=True)
-    subprocess.run([*git, "commit", "-qm", "project"], cwd=proj, check=True)
-    return proj
+    return scratch_project(proj, remote=proj.parent / "remote")
 
 
 def _artifacts() -> dict[str, list]:
