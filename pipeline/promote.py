@@ -41,7 +41,7 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -207,8 +207,9 @@ def decide(comparison: dict | None, params: PromoteParams) -> dict:
     """The promotion decision for a comparison (None: there is no champion yet).
 
     Args:
-        comparison: the output of :func:`compare`, or None.
-        params: the margin and tolerance named in the reasons.
+        comparison: the output of :func:`compare`, or None. Its ``better_by_margin`` and
+            ``subgroup_regressions`` are the verdicts; compare it with the same ``params``.
+        params: the margin, tolerance and minimum subgroup size named in the reasons.
 
     Returns:
         ``{"promote": bool, "reasons": [sentences with the numbers behind the decision]}``.
@@ -217,12 +218,12 @@ def decide(comparison: dict | None, params: PromoteParams) -> dict:
         return {"promote": True, "reasons": ["first model: becomes the champion"]}
     c = comparison
     ci = c["auc_difference_ci"]
-    ci_text = (f"{int(round(100 * c['ci_level']))}% CI {_signed(ci[0])} to {_signed(ci[1])}" if ci
+    ci_text = (f"{round(100 * c['ci_level'])}% CI {_signed(ci[0])} to {_signed(ci[1])}" if ci
                else "CI undefined")
     verdict = "meets" if c["better_by_margin"] else "below"
-    reasons = [f"test AUC {c['challenger_auc']:.3f} vs champion {c['champion_auc']:.3f} "
-               f"({_signed(c['auc_difference'])}, {ci_text}) on {c['n_images']} images of {c['n_patients']} "
-               f"patients: {verdict} the margin {params.margin:.3f}"]
+    reasons = [(f"test AUC {c['challenger_auc']:.3f} vs champion {c['champion_auc']:.3f} "
+                f"({_signed(c['auc_difference'])}, {ci_text}) on {c['n_images']} images of {c['n_patients']} "
+                f"patients: {verdict} the margin {params.margin:.3f}")]
     compared = [r for r in c["subgroups"] if r["compared"]]
     for r in c["subgroup_regressions"]:
         reasons.append(f"{r['group']} {r['value']}: AUC {r['challenger_auc']:.3f} vs {r['champion_auc']:.3f} "
@@ -259,12 +260,14 @@ def read_champion(registry: Path) -> dict | None:
         return None
     try:
         record = json.loads(pointer.read_text())
+        missing = [k for k in ("version", "path", "model_sha256") if k not in record]
+        if missing:
+            raise KeyError(", ".join(missing))
         model = Path(registry) / record["path"] / "model.pt"
-        expected, _ = record["model_sha256"], record["version"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{pointer}: not a champion record ({type(exc).__name__}: {exc}); "
                          "repair or remove it before promoting") from exc
-    if not model.is_file() or models.sha256_file(model) != expected:
+    if not model.is_file() or models.sha256_file(model) != record["model_sha256"]:
         raise ValueError(f"{pointer}: the champion model {model} is missing or does not match its recorded "
                          "SHA-256; restore the registry before promoting")
     return record
@@ -332,7 +335,6 @@ def _score_champion(record: dict, registry: Path, images_dir: Path, splits_csv: 
         return _test_rows(Path(tmp) / "predictions.csv")
 
 
-
 def run(params: PromoteParams, model_path: Path, reports_dir: Path, images_dir: Path, splits_csv: Path,
         evaluate_params: EvaluateParams | None = None, force: bool = False) -> dict:
     """Compare the challenger with the champion, promote it if it is better, and record the decision.
@@ -379,8 +381,8 @@ def run(params: PromoteParams, model_path: Path, reports_dir: Path, images_dir: 
         try:
             index = pd.read_parquet(images_dir / "index.parquet")
             extra = [c for c in evaluate_params.subgroups if c in index.columns]
-            challenger_rows = _test_rows(reports_dir / "predictions.csv").drop(columns=extra, errors="ignore").merge(
-                index[["image_id", *extra]], on="image_id", how="left")
+            challenger_rows = _test_rows(reports_dir / "predictions.csv").merge(index[["image_id", *extra]],
+                                                                                on="image_id", how="left")
             champion_rows = _score_champion(champion, registry, images_dir, Path(splits_csv), evaluate_params)
             comparison = compare(challenger_rows, champion_rows, params, evaluate_params.subgroups)
             decision = decide(comparison, params)
@@ -388,15 +390,17 @@ def run(params: PromoteParams, model_path: Path, reports_dir: Path, images_dir: 
             # The champion's input spec or classes no longer fit the data (or the challenger's
             # reports are stale): there is no evidence the challenger is better, so it is not promoted.
             decision = {"promote": False, "reasons": [
-                f"the champion (version {champion['version']}) cannot be compared with the challenger on the "
-                f"current images and splits: {exc}"]}
+                (f"the champion (version {champion['version']}) cannot be compared with the challenger on the "
+                 f"current images and splits: {exc}")]}
         if challenger_sha == champion["model_sha256"]:
             decision = {"promote": False, "reasons": [
-                f"the challenger is the champion's model (version {champion['version']}, same SHA-256): "
-                "nothing to promote", *decision["reasons"]]}
+                (f"the challenger is the champion's model (version {champion['version']}, same SHA-256): "
+                 "nothing to promote"), *decision["reasons"]]}
     if force:
-        decision = {"promote": True, "reasons": [*decision["reasons"], "forced: promoted regardless of the checks above"]}
+        decision = {"promote": True,
+                    "reasons": [*decision["reasons"], "forced: promoted regardless of the checks above"]}
 
+    now = datetime.now(UTC).isoformat(timespec="seconds")
     before = champion["version"] if champion else None
     after = before
     if decision["promote"]:
@@ -406,7 +410,7 @@ def run(params: PromoteParams, model_path: Path, reports_dir: Path, images_dir: 
         record = {
             "version": after,
             "path": version_dir.relative_to(registry).as_posix(),
-            "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "promoted_at": now,
             "model_sha256": challenger_sha,
             "test_auc": test_metrics["test"]["auc"],
             "test_auc_ci": test_metrics["test"]["auc_ci"],
@@ -417,7 +421,7 @@ def run(params: PromoteParams, model_path: Path, reports_dir: Path, images_dir: 
         atomic_write_text(registry / "champion.json", json.dumps(record, indent=2) + "\n")
         _fsync_dir(registry)
     _append_history(registry, {
-        "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "decided_at": now,
         "promote": decision["promote"], "forced": force, "champion_before": before, "champion_after": after,
         "challenger_sha256": challenger_sha,
         "challenger_auc": comparison["challenger_auc"] if comparison else test_metrics["test"]["auc"],
