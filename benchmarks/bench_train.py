@@ -20,7 +20,6 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +60,7 @@ def bound(params: train.TrainParams, backbone: str, size: int, device: torch.dev
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(forward(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train.train_step(forward, loss_fn, optimizer, scaler, x, y, dtype)
 
     for _ in range(3):
         step()
@@ -105,7 +99,7 @@ def main() -> None:
     _, device = train.init_distributed(args.device)
     name = train._device_name(device)
     results = {"device": name, "images": args.images, "size": args.size, "batch_size": args.batch_size, "runs": []}
-    print(f"| backbone | device | AMP | pipeline images/s | bound images/s | pipeline / bound | peak GPU memory |")
+    print("| backbone | device | AMP | pipeline images/s | bound images/s | pipeline / bound | peak GPU memory |")
     print("|---|---|---|---|---|---|---|")
     for backbone in args.backbones:
         if device.type == "cuda":

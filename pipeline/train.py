@@ -225,8 +225,7 @@ def make_dataset(data: SplitData, split: str, params: TrainParams | None):
             if augment is not None:
                 # Seeded per (seed, epoch, item): the same augmentation whatever the worker count,
                 # sampler order or resume point.
-                augment.set_random_state(seed=int(np.random.SeedSequence([seed, self.epoch, item["row"]])
-                                                  .generate_state(1)[0]))
+                augment.set_random_state(seed=derived_seed(seed, self.epoch, item["row"]))
                 out = augment(out)
                 out["image"] = torch.as_tensor(out["image"]).clamp_(0, 1)
             return out
@@ -313,8 +312,25 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 # ------------------------------------------------------------------------------------------- loop
 
 
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed that depends on every part (e.g. seed, epoch, row) and on nothing else."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 def _seed_everything(seed: int, epoch: int, rank: int) -> None:
-    torch.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
+    torch.manual_seed(derived_seed(seed, epoch, rank))
+
+
+def train_step(net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None) -> float:
+    """One optimiser step (autocast to ``dtype`` when set, gradient scaling for fp16); returns the loss."""
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = loss_fn(net(x).float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
 
 
 def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -509,16 +525,11 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
             factor = lr_factor(step, total_steps, warmup_steps)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = loss_fn(net(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(net, loss_fn, optimizer, scaler, x, y, dtype)
             step += 1
             seen += len(y)
-            loss_sum += loss.item() * len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            loss_sum += loss * len(y)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         train_s = time.perf_counter() - epoch_start
         if dist.world_size > 1:
             # DDP syncs BatchNorm statistics at the start of each forward, so the last batch leaves
@@ -580,7 +591,7 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
 
 def _train_sampling(params: TrainParams, data: SplitData, epoch: int, dist: Dist) -> dict:
     """Sampler/shuffle arguments for one epoch's loader, seeded from (seed, epoch)."""
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([params.seed, epoch]).generate_state(1)[0]))
+    generator = torch.Generator().manual_seed(derived_seed(params.seed, epoch))
     if dist.world_size > 1:
         from torch.utils.data.distributed import DistributedSampler
 
