@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-dev demo test bench
+.PHONY: setup setup-dev demo demo-more test bench
 
 setup:
 	scripts/setup.sh
@@ -14,9 +14,16 @@ setup:
 setup-dev:
 	scripts/setup.sh dev
 
-## demo: set up, then run the pipeline (dvc repro) on the embedded synthetic cohort
+## demo: set up, then run the retraining flow (Prefect; every stage through DVC, then promote and
+## push) on the embedded synthetic cohort, and print what came out
 demo: setup
-	dvc repro
+	medtl retrain
+	@echo; medtl summary
+
+## demo-more: 20 new synthetic patients arrive; the flow ingests only the new files, retrains and decides
+demo-more: setup
+	medtl synth --out data/raw/synth --add 20
+	medtl retrain
 	@echo; medtl summary
 
 ## test: set up with test dependencies, then run the whole test suite

@@ -21,7 +21,11 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.states import Completed
 
 LOCK_FILE = ".medtl/retrain.lock"
@@ -87,7 +91,7 @@ def run_stage(repo: Path, stage: str):
     return {"stage": stage, "ran": True, "seconds": seconds}
 
 
-@task(name="promote")
+@task(name="promote", task_run_name="promote")
 def promote_task(repo: Path, force: bool = False) -> dict:
     from pipeline import evaluate, promote
     from pipeline.params import load_section
@@ -100,15 +104,15 @@ def promote_task(repo: Path, force: bool = False) -> dict:
                        evaluate_params=load_section(evaluate.EvaluateParams, params_file, "evaluate"), force=force)
 
 
-@task(name="dvc push", retries=2, retry_delay_seconds=10)
+@task(name="dvc push", task_run_name="dvc push", retries=2, retry_delay_seconds=10)
 def push_task(repo: Path) -> str:
     """``dvc push`` to the default remote (network or disk trouble is worth a retry); raw data is push: false."""
     logger = get_run_logger()
-    remote = subprocess.run([*_dvc(), "remote", "default"], cwd=repo, env=_env(), capture_output=True, text=True)
+    remote = subprocess.run([*_dvc(), "remote", "default"], cwd=repo, env=_env(), capture_output=True, text=True, check=False)
     if remote.returncode != 0 or not remote.stdout.strip():
         logger.warning("no default DVC remote configured: nothing pushed (dvc remote add -d ...)")
         return "no remote"
-    done = subprocess.run([*_dvc(), "push"], cwd=repo, env=_env(), capture_output=True, text=True)
+    done = subprocess.run([*_dvc(), "push"], cwd=repo, env=_env(), capture_output=True, text=True, check=False)
     for line in (done.stdout + done.stderr).splitlines():
         if line.strip():
             logger.info("%s", line)

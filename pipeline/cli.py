@@ -117,6 +117,17 @@ def _cmd_summary(args: argparse.Namespace) -> int:
               f"{card['training']['wall_s']:.0f} s on {card['training']['device']}")
     print(evaluate.metrics_table(json.loads(metrics_path.read_text())))
     print(f"report: {reports / 'report.html'} (or report.md); curves and plots: `dvc plots show`")
+    promotion_path, champion_path = reports / "promotion.json", Path(args.registry) / "champion.json"
+    if promotion_path.exists():
+        decision = json.loads(promotion_path.read_text())["decision"]
+        print(("promotion: promoted; " if decision["promote"] else "promotion: not promoted; ")
+              + "; ".join(decision["reasons"]))
+    if champion_path.exists():
+        champion = json.loads(champion_path.read_text())
+        low, high = champion.get("test_auc_ci") or (float("nan"), float("nan"))
+        print(f"champion: version {champion['version']} ({champion_path.parent / champion['path']}), test AUC "
+              f"{champion['test_auc']:.3f} [{low:.3f}, {high:.3f}], promoted {champion['promoted_at']}")
+    print("runs in the Prefect UI: `prefect server start`, then open http://127.0.0.1:4200/runs")
     return 0
 
 
@@ -141,13 +152,27 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _prefect_defaults() -> None:
+    """Without a configured server, Prefect starts a temporary one: its first start migrates a new SQLite
+    database, which takes longer than Prefect's 20 s default on a small machine."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from flows.retrain import retrain
+    _prefect_defaults()
+    from flows.retrain import RepoBusy, StageFailed, retrain
 
     repo = Path(args.repo).resolve()
     params = load_section(RetrainParams, repo / "params.yaml", "retrain")
-    result = retrain(repo=str(repo), overrides=_overrides(args.set), promote=params.promote and not args.no_promote,
-                     push=params.push and not args.no_push, lock_timeout_s=params.lock_timeout_s)
+    lock_timeout = params.lock_timeout_s if args.lock_timeout is None else args.lock_timeout
+    try:
+        result = retrain(repo=str(repo), overrides=_overrides(args.set), promote=params.promote and not args.no_promote,
+                         push=params.push and not args.no_push, lock_timeout_s=lock_timeout)
+    except (RepoBusy, StageFailed) as exc:
+        log.error("retrain failed: %s", exc)
+        return 1
     print(f"retrain: stages {result['stages']}; pushed: {result['pushed']}")
     if result["promotion"]:
         decision = result["promotion"]["decision"]
@@ -156,12 +181,15 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    _prefect_defaults()
     from flows.retrain import retrain
 
     repo = Path(args.repo).resolve()
     params = load_section(RetrainParams, repo / "params.yaml", "retrain")
     print(f"serving deployment retrain/{args.name}: cron {params.cron!r} ({params.timezone}); Ctrl-C stops it")
-    retrain.serve(name=args.name, cron=params.cron, parameters={
+    from prefect.schedules import Cron
+
+    retrain.serve(name=args.name, schedule=Cron(params.cron, timezone=params.timezone), parameters={
         "repo": str(repo), "promote": params.promote, "push": params.push, "lock_timeout_s": params.lock_timeout_s})
     return 0
 
@@ -230,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="print the trained model and its test metrics with CIs")
     p.add_argument("--reports", default="reports", help="evaluate output (default: %(default)s)")
     p.add_argument("--models", default="models", help="train output (default: %(default)s)")
+    p.add_argument("--registry", default="registry", help="champion registry (default: %(default)s)")
     p.set_defaults(func=_cmd_summary)
 
     p = sub.add_parser("retrain", help="run the Prefect retrain flow once (all stages through DVC, promote, push)")
@@ -237,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-S", "--set", action="append", metavar="SECTION.KEY=VALUE", help="params.yaml override (kept)")
     p.add_argument("--no-promote", action="store_true", help="skip the champion/challenger step")
     p.add_argument("--no-push", action="store_true", help="skip dvc push")
+    p.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                   help="wait this long for another run on the repo to finish (params retrain.lock_timeout_s)")
     p.set_defaults(func=_cmd_retrain)
 
     p = sub.add_parser("serve", help="serve the retrain flow on the params cron schedule (weekly by default)")
@@ -254,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API request otherwise
     try:
         return args.func(args)
     except ParamsError as exc:

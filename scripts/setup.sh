@@ -41,6 +41,16 @@ target="."
 [ "$extra" = "dev" ] && target=".[dev]"
 "${pip[@]}" install -q -e "$target"
 
+# The Prefect UI check (tests/flows/test_ui.py) drives Debian's chromium: install it for the test
+# setup where this machine can (root + apt); elsewhere that test skips and says why.
+if [ "$extra" = "dev" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing Debian's chromium for the browser check"
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; } \
+    || echo "setup: could not install chromium; the browser check will be skipped"
+fi
+
 # DVC: no analytics; the repo is initialised in git already (.dvc/ is committed).
 "$venv/bin/dvc" config --local core.analytics false >/dev/null 2>&1 || true
 "$venv/bin/python" - <<'PY'
