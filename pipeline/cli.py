@@ -29,7 +29,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     else:
         params = load_section(synth.SynthParams, args.params, "synth", patients=args.patients, seed=args.seed)
         summary = synth.run(params, Path(args.out))
-    print(json.dumps(asdict(summary), indent=2))
+    print(json.dumps(asdict(summary)))  # one line: one log line in the Prefect UI
     return 0
 
 
