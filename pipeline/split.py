@@ -18,6 +18,15 @@ that is furthest below its target patient count in that stratum. Rounding left o
 is carried into the targets of the next, so many small strata still meet the global fractions.
 With ``kfold >= 2`` the same procedure deals the train+val units into k equal folds.
 
+Sticky assignment (``sticky: true``, the default): a retraining pipeline sees the same patients again
+next week, plus new ones. Re-dealing everyone would move last week's training patients into this
+week's test set, so a champion model would be scored on patients it was trained on and every
+comparison over time would be biased. So when the previous ``splits.csv`` was dealt with the same
+seed, fractions, stratification and k, every patient in it keeps its split (and fold), and only new
+patients are dealt, towards the target fractions of the whole cohort. A duplicate group that links
+patients previously in different splits (a leak that new data revealed) is moved into one split,
+and the moved patients are counted in the summary and logged.
+
 Outputs: ``splits.csv`` (image_id, patient_key, label, site, split[, fold], sorted by image_id) and
 ``split_summary.json``, both written atomically.
 """
@@ -62,6 +71,7 @@ class SplitParams:
     # coarse structure that their 64-bit phashes can be equal; real near-duplicates (re-exports,
     # re-windowed or re-encoded copies, two reconstructions of one volume) are far closer pixel-wise.
     near_duplicate_max_mad: float = 0.015
+    sticky: bool = True  # patients keep their split from the previous splits.csv; only new ones are dealt
 
     def __post_init__(self) -> None:
         fractions = {"train": self.train, "val": self.val, "test": self.test}
@@ -100,6 +110,10 @@ class SplitSummary:
     cross_patient_duplicate_groups: int
     seed: int
     kfold: int
+    patients_kept: int = 0  # patients whose split came from the previous splits.csv
+    patients_new: int = 0  # patients dealt this time
+    patients_moved: int = 0  # previously assigned patients moved (a duplicate group joined splits)
+    assignment: dict | None = None  # what a later run must match to keep these assignments
 
 
 # --------------------------------------------------------------------------- union-find
@@ -254,11 +268,13 @@ def find_duplicate_groups(
 # --------------------------------------------------------------------------- assignment
 
 
-def _greedy(sizes: np.ndarray, strata: list, fractions: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+def _greedy(sizes: np.ndarray, strata: list, fractions: Sequence[float], rng: np.random.Generator,
+            fixed: np.ndarray | None = None) -> np.ndarray:
     """Bin per unit: seeded shuffle, then per stratum largest-first to the bin furthest below target.
 
     Targets are in unit size (patients). The rounding deficit of each stratum carries into the next
-    stratum's targets so the global fractions hold even with many small strata.
+    stratum's targets so the global fractions hold even with many small strata. Units with a bin in
+    ``fixed`` (>= 0) keep it and count towards their stratum's targets; the others are dealt.
     """
     n_units = len(sizes)
     fr = np.asarray(fractions, dtype=np.float64)
@@ -275,6 +291,12 @@ def _greedy(sizes: np.ndarray, strata: list, fractions: Sequence[float], rng: np
         total = stratum_total[s]
         target = fr * total + (fr * processed - assigned)
         current = np.zeros(len(fr))
+        if fixed is not None:
+            for u in units:
+                if fixed[u] >= 0:
+                    result[u] = fixed[u]
+                    current[fixed[u]] += sizes[u]
+            units = [u for u in units if fixed[u] < 0]
         for u in units:
             deficit = np.where(usable, target - current, -np.inf)
             b = int(np.argmax(deficit))
@@ -290,14 +312,18 @@ def _majority(values: list[tuple]) -> tuple:
     return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 
 
-def assign_splits(index: pd.DataFrame, params: SplitParams, groups: list[list[int]]) -> pd.DataFrame:
+def assign_splits(index: pd.DataFrame, params: SplitParams, groups: list[list[int]],
+                  previous: pd.DataFrame | None = None) -> pd.DataFrame:
     """``index`` with a ``split`` column (train/val/test) and, when ``kfold >= 2``, a ``fold`` column.
 
     Pure. ``groups`` are duplicate groups of tensor row numbers (the ``row`` column); rows not in the
     index are ignored. Patients sharing a duplicate group (or a tensor row) are joined by union-find
     into one unit, so neither a patient nor a duplicate group spans two splits (or folds). Units are
     dealt by :func:`_greedy`, stratified by the unit's majority label (or (label, site)). Deterministic
-    for a seed.
+    for a seed. ``previous`` (columns ``patient_key``, ``split`` and, with k folds, ``fold``): a unit
+    whose patients were assigned before keeps that split (the majority's, if a duplicate group now
+    joins patients of different splits); the result's ``moved`` column marks patients whose split
+    changed, ``new`` those not in ``previous``.
     """
     missing = [c for c in ("row", "patient_key", "label") if c not in index.columns]
     if params.stratify_by_site and "site" not in index.columns:
@@ -334,19 +360,65 @@ def assign_splits(index: pd.DataFrame, params: SplitParams, groups: list[list[in
         keys_per_unit[unit_of[p]].append((lab, site) if params.stratify_by_site else (lab,))
     strata = [_majority(k) for k in keys_per_unit]
 
+    fixed_bins = fixed_folds = None
+    before_split: dict[str, str] = {}
+    if previous is not None and len(previous):
+        before = previous.assign(patient_key=previous["patient_key"].astype(str)).drop_duplicates("patient_key")
+        before = before.set_index("patient_key")
+        before_split = before["split"].astype(str).to_dict()
+        fixed_bins = np.full(len(units), -1, dtype=np.int64)
+        fixed_folds = np.full(len(units), -1, dtype=np.int64)
+        for u, members in enumerate(units):
+            known = [before_split[p] for p in members if p in before_split]
+            if known:
+                fixed_bins[u] = SPLITS.index(_majority([(k,) for k in known])[0])
+                if params.kfold >= 2 and "fold" in before.columns:
+                    folds_known = [int(before.at[p, "fold"]) for p in members
+                                   if p in before.index and before_split[p] == SPLITS[fixed_bins[u]]]
+                    fixed_folds[u] = _majority([(f,) for f in folds_known])[0] if folds_known else -1
+
     rng = np.random.default_rng(params.seed)
-    bins = _greedy(sizes, strata, (params.train, params.val, params.test), rng)
+    bins = _greedy(sizes, strata, (params.train, params.val, params.test), rng, fixed_bins)
     row_unit = np.array([unit_of[p] for p in patients], dtype=np.int64)
     out["split"] = np.asarray(SPLITS, dtype=object)[bins[row_unit]]
+    out["new"] = [p not in before_split for p in patients]
+    out["moved"] = [p in before_split and before_split[p] != s for p, s in zip(patients, out["split"])]
 
     if params.kfold >= 2:
         k = params.kfold
         folds = np.full(len(units), -1, dtype=np.int64)
         dev = np.flatnonzero(bins != SPLITS.index("test"))
         if len(dev):
-            folds[dev] = _greedy(sizes[dev], [strata[u] for u in dev], [1.0 / k] * k, rng)
+            folds[dev] = _greedy(sizes[dev], [strata[u] for u in dev], [1.0 / k] * k, rng,
+                                 None if fixed_folds is None else np.where(fixed_folds[dev] < k, fixed_folds[dev], -1))
         out["fold"] = folds[row_unit]
     return out
+
+
+def assignment_key(params: SplitParams) -> dict:
+    """The params an assignment depends on: a previous splits.csv is kept only if these match."""
+    return {"seed": params.seed, "fractions": [params.train, params.val, params.test],
+            "stratify_by_site": params.stratify_by_site, "kfold": params.kfold}
+
+
+def _previous_assignment(out_dir: Path, params: SplitParams) -> pd.DataFrame | None:
+    """The previous splits.csv of ``out_dir`` if it may be kept (sticky, same assignment params)."""
+    csv, summary = out_dir / "splits.csv", out_dir / "split_summary.json"
+    if not params.sticky or not csv.exists() or not summary.exists():
+        return None
+    try:
+        before = json.loads(summary.read_text()).get("assignment")
+        previous = pd.read_csv(csv, dtype={"image_id": str, "patient_key": str})
+    except (ValueError, OSError) as exc:
+        log.warning("split: previous %s unreadable (%s): dealing every patient afresh", csv, exc)
+        return None
+    if before != assignment_key(params):
+        log.info("split: previous assignment was made with %s, now %s: dealing every patient afresh",
+                 before, assignment_key(params))
+        return None
+    if not {"patient_key", "split"} <= set(previous.columns):
+        return None
+    return previous
 
 
 # --------------------------------------------------------------------------- stage
@@ -383,6 +455,10 @@ def _summarise(
         cross_patient_duplicate_groups=cross,
         seed=params.seed,
         kfold=params.kfold,
+        patients_kept=int(result.loc[~result["new"], "patient_key"].nunique()) if "new" in result else 0,
+        patients_new=int(result.loc[result["new"], "patient_key"].nunique()) if "new" in result else 0,
+        patients_moved=int(result.loc[result["moved"], "patient_key"].nunique()) if "moved" in result else 0,
+        assignment=assignment_key(params),
     )
 
 
@@ -426,8 +502,11 @@ def run(params: SplitParams, index_path: Path, tensors_path: Path, out_dir: Path
                  params.near_duplicate_distance)
     exact, near = find_duplicate_groups(tensors, params.near_duplicate_distance, rows=index["row"].tolist(),
                                         max_mad=params.near_duplicate_max_mad)
-    result = assign_splits(index, params, [*exact, *near])
+    result = assign_splits(index, params, [*exact, *near], previous=_previous_assignment(out_dir, params))
     summary = _summarise(result, exact, near, params)
+    if summary.patients_moved:
+        log.warning("split: %d previously assigned patient(s) moved split: a new duplicate group joined "
+                    "patients of different splits", summary.patients_moved)
     if summary.patients_in_multiple_splits:
         raise RuntimeError(f"split: {summary.patients_in_multiple_splits} patient(s) span several splits")
 
@@ -443,6 +522,8 @@ def run(params: SplitParams, index_path: Path, tensors_path: Path, out_dir: Path
         summary.images["train"], summary.patients["train"], summary.images["val"], summary.patients["val"],
         summary.images["test"], summary.patients["test"],
     )
+    log.info("split: %d patients kept their previous split, %d new patients dealt, %d moved",
+             summary.patients_kept, summary.patients_new, summary.patients_moved)
     log.info(
         "split: %d exact + %d near duplicate groups, %d images, %d cross-patient groups; %d patients in several splits",
         summary.duplicate_groups_exact, summary.duplicate_groups_near, summary.duplicate_images,

@@ -279,3 +279,61 @@ def test_run_rejects_bad_index(tmp_path):
     with pytest.raises(ValueError, match=r"bad_index\.parquet.*out of range.*tensors\.npy"):
         run(SplitParams(), bad, tensors_path, tmp_path / "out")
     assert not (tmp_path / "out" / "splits.csv").exists()
+
+
+# --------------------------------------------------------------------------- sticky assignment
+
+
+@pytest.mark.parametrize("kfold", [0, 3])
+def test_new_patients_are_dealt_and_known_patients_keep_their_split(kfold):
+    """Next week's run: 40 new patients arrive; nobody from last week's training set lands in test."""
+    index, groups = make_cohort(11, 160, 4)
+    old_patients = sorted(index["patient_key"].unique())[:120]
+    old = index[index["patient_key"].isin(old_patients)]
+    params = SplitParams(seed=5, kfold=kfold)
+    before = assign_splits(old, params, [])
+    after = assign_splits(index, params, [], previous=before)
+
+    was = dict(zip(before["patient_key"], before["split"]))
+    now = dict(zip(after["patient_key"], after["split"]))
+    assert all(now[p] == was[p] for p in old_patients)
+    if kfold:
+        assert dict(zip(before["patient_key"], before["fold"])) == {
+            p: f for p, f in zip(after["patient_key"], after["fold"]) if p in was}
+    new = [p for p in now if p not in was]
+    assert len(new) == 40 and set(now[p] for p in new) == set(SPLITS)
+    patients_per_split = pd.Series(now).value_counts()
+    assert abs(patients_per_split["test"] - 0.15 * 160) <= 3, patients_per_split
+    assert not after["moved"].any() and after["new"].sum() == (after["patient_key"].isin(new)).sum()
+    # without the previous assignment the same cohort is re-dealt, and old patients move
+    fresh = dict(zip(*assign_splits(index, params, [])[["patient_key", "split"]].T.values))
+    assert sum(fresh[p] != was[p] for p in old_patients) > 10
+
+
+def test_a_duplicate_that_joins_two_splits_moves_one_patient_and_says_so():
+    index, _ = make_cohort(3, 30, 2)
+    before = assign_splits(index, SplitParams(seed=0), [])
+    by_split = before.drop_duplicates("patient_key").groupby("split")["row"].first()
+    joined = [[int(by_split["train"]), int(by_split["test"])]]  # a new near-duplicate across splits
+    after = assign_splits(index, SplitParams(seed=0), joined, previous=before)
+    assert (after.groupby("patient_key")["split"].nunique() == 1).all()
+    pair = after[after["row"].isin(joined[0])]
+    assert pair["split"].nunique() == 1 and after.drop_duplicates("patient_key")["moved"].sum() == 1
+
+
+def test_run_keeps_the_previous_splits_unless_the_assignment_params_change(tmp_path):
+    index_path, tensors_path, index = write_inputs(tmp_path)
+    out = tmp_path / "out"
+    run(SplitParams(seed=1), index_path, tensors_path, out)
+    first = pd.read_csv(out / "splits.csv")
+    # a stale assignment (hand-edited here) is kept as long as the params match ...
+    flipped = first.assign(split=first["split"].map({"train": "val", "val": "test", "test": "train"}))
+    flipped.to_csv(out / "splits.csv", index=False)
+    summary = run(SplitParams(seed=1), index_path, tensors_path, out)
+    assert pd.read_csv(out / "splits.csv")["split"].tolist() == flipped["split"].tolist()
+    assert summary.patients_kept == index["patient_key"].nunique() and summary.patients_new == 0
+    # ... and dropped when they don't (another seed) or when sticky is off
+    for params in (SplitParams(seed=2), SplitParams(seed=1, sticky=False)):
+        summary = run(params, index_path, tensors_path, out)
+        assert summary.patients_kept == 0 and summary.patients_new == index["patient_key"].nunique()
+    assert pd.read_csv(out / "splits.csv")["split"].tolist() == first["split"].tolist()
