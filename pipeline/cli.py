@@ -125,7 +125,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     if champion_path.exists():
         champion = json.loads(champion_path.read_text())
         low, high = champion.get("test_auc_ci") or (float("nan"), float("nan"))
-        print(f"champion: version {champion['version']} ({champion_path.parent / champion['path']}), test AUC "
+        print(f"champion: version {champion['version']} ({champion_path.parent / champion['path']}), test AUC at promotion "
               f"{champion['test_auc']:.3f} [{low:.3f}, {high:.3f}], promoted {champion['promoted_at']}")
     print("runs in the Prefect UI: `prefect server start`, then open http://127.0.0.1:4200/runs")
     return 0
