@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.fanout import RUNNERS
 from pipeline.params import ParamsError, load_section
 
 log = logging.getLogger("medtl")
@@ -35,11 +36,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from pipeline import deid, ingest
+    from pipeline.fanout import FanoutParams
 
     params = load_section(ingest.IngestParams, args.params, "ingest", workers=args.workers)
+    fanout = load_section(FanoutParams, args.params, "fanout", runner=args.runner)
     try:
         summary = ingest.run(params, Path(args.input), Path(args.labels), Path(args.out),
-                             quarantine_dir=Path(args.quarantine) if args.quarantine else None)
+                             quarantine_dir=Path(args.quarantine) if args.quarantine else None, fanout=fanout)
     except (deid.KeyMissingError, ingest.LabelsError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
@@ -50,9 +53,11 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from pipeline import preprocess
+    from pipeline.fanout import FanoutParams
 
     params = load_section(preprocess.PreprocessParams, args.params, "preprocess", workers=args.workers)
-    summary = preprocess.run(params, Path(args.ingest), Path(args.out))
+    fanout = load_section(FanoutParams, args.params, "fanout", runner=args.runner)
+    summary = preprocess.run(params, Path(args.ingest), Path(args.out), fanout=fanout)
     print(f"preprocess: {summary.images} images -> {summary.shape} float16, {summary.rejected} rejected")
     return 0
 
@@ -194,6 +199,40 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from pipeline import study
+    from pipeline.params import read_params
+
+    repo = Path(args.repo).resolve()
+    try:
+        params = load_section(study.StudyParams, repo / "params.yaml", "study")
+        grid = params.select(args.grid)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        if args.flow:
+            _prefect_defaults()
+            from flows.study import transfer_study
+
+            result = transfer_study(repo=str(repo), grid=args.grid, jobs=args.jobs, resume=args.resume)
+            report, sentences, wall_s = result["report"], result["findings"], result["wall_s"]
+        else:
+            pretrained = str((read_params(repo / "params.yaml").get("model") or {}).get("pretrained", "imagenet"))
+            summary = study.run(grid, repo, grid_name=args.grid or params.grid, prefix=params.name,
+                                pretrained=pretrained, jobs=args.jobs, resume=args.resume,
+                                echo=None if args.quiet else print)
+            report, sentences, wall_s = summary.report, summary.findings, summary.wall_s
+    except study.StudyError as exc:
+        log.error("study failed: %s", exc)
+        return 1
+    print(f"study: {len(grid.strategies) * len(grid.fractions) * len(grid.seeds)} runs in {wall_s / 60:.1f} min; "
+          f"report {report}")
+    for sentence in sentences:
+        print(f"- {sentence}")
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from pipeline import deid
 
@@ -225,12 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quarantine", help="directory to link rejected files into (keep it out of DVC outputs)")
     p.add_argument("--workers", type=int, help="processes (params ingest.workers; 0 = all cores)")
+    p.add_argument("--runner", choices=RUNNERS, help="where per-file work runs (params fanout.runner)")
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("preprocess", help="turn ingested images into fixed-size tensors + index + fingerprint")
     p.add_argument("--ingest", required=True, help="ingest output directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--workers", type=int, help="processes (params preprocess.workers; 0 = all cores)")
+    p.add_argument("--runner", choices=RUNNERS, help="where per-image work runs (params fanout.runner)")
     p.set_defaults(func=_cmd_preprocess)
 
     p = sub.add_parser("split", help="patient-level train/val/test assignment, duplicates kept together")
@@ -274,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", default=".", help="project directory (default: %(default)s)")
     p.add_argument("--name", default="weekly", help="deployment name (default: %(default)s)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("study", help="transfer-learning study: strategy x data fraction x seed as DVC experiments, "
+                                     "then reports/study.md with figures and findings")
+    p.add_argument("--repo", default=".", help="project directory (default: %(default)s)")
+    p.add_argument("--grid", help="a grid of params study.grids (default: study.grid, i.e. cpu; gpu for real use)")
+    p.add_argument("--jobs", type=int, help="experiments at once (default: the grid's jobs)")
+    p.add_argument("--resume", action="store_true", help="keep runs whose experiment already exists; run the rest")
+    p.add_argument("--flow", action="store_true", help="run it as the Prefect flow transfer_study (UI, artifact)")
+    p.add_argument("--quiet", action="store_true", help="do not echo DVC's output")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("keygen", help="create a local pseudonymisation key file")
     p.add_argument("--path", default=".medtl/pseudonym.key", help="where to write it (default: %(default)s)")

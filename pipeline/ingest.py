@@ -31,10 +31,10 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,9 +42,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
-from tqdm import tqdm
 
 from pipeline import deid
+from pipeline.fanout import FanoutParams, map_ordered
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text, csv_text
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,8 @@ class IngestParams:
     """params.yaml ``ingest`` section.
 
     Attributes:
-        workers: processes for the scan phase; 0 means one per CPU core.
+        workers: processes (or threads, or local Dask workers: see ``fanout``) for the scan and rewrite
+            phases; 0 means one per CPU core, 1 runs them in this process.
         verify_pixels: decode compressed pixel data during ingest so a corrupt stream is rejected
             here rather than in preprocessing (uncompressed data is always length-checked).
         volume_modalities: modalities whose single-frame slices of one series form a 3D volume.
@@ -659,27 +660,6 @@ def walk_inputs(input_dir: Path, skip: Iterable[Path] = ()) -> list[str]:
     return found
 
 
-def _parallel(fn, tasks: list, ctx: _ScanContext, workers: int, desc: str) -> Iterator:
-    """Run ``fn`` over tasks in ``workers`` processes (inline for 1), yielding results in order."""
-    if not tasks:
-        return
-    bar = tqdm(total=len(tasks), desc=desc, unit="file", disable=None, mininterval=1.0)
-    try:
-        if workers <= 1:
-            _init_worker(ctx)
-            for task in tasks:
-                yield fn(task)
-                bar.update()
-        else:
-            chunk = max(1, min(64, len(tasks) // (workers * 8)))
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(ctx,)) as pool:
-                for result in pool.map(fn, tasks, chunksize=chunk):
-                    yield result
-                    bar.update()
-    finally:
-        bar.close()
-
-
 def is_synthetic(input_dir: Path) -> bool:
     """Whether ``input_dir`` is (inside) a cohort written by ``medtl synth``."""
     for folder in (Path(input_dir), *Path(input_dir).resolve().parents[:2]):
@@ -699,6 +679,7 @@ def run(
     out_dir: Path,
     quarantine_dir: Path | None = None,
     key: bytes | None = None,
+    fanout: FanoutParams | None = None,
 ) -> IngestSummary:
     """Ingest a DICOM tree: de-identify, account for every file, write manifest/rejected/summary.
 
@@ -710,6 +691,8 @@ def run(
         quarantine_dir: where rejected files are linked with their reasons (None: not done). Keep it out
             of DVC outputs: it holds raw files with PHI.
         key: pseudonymisation key; None resolves it (:func:`pipeline.deid.resolve_key`).
+        fanout: where the per-file work of the scan and rewrite phases runs (default: local
+            processes, ``params.workers`` of them); outputs do not depend on it.
 
     Returns:
         The summary also written to ``out_dir/summary.json``.
@@ -723,6 +706,7 @@ def run(
         log.info("pseudonymisation key from %s", source)
     pseudo = deid.Pseudonymizer(key)
     labels = read_labels(labels_csv, pseudo)
+    fanout = fanout or FanoutParams()
     workers = params.workers or os.cpu_count() or 1
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -737,7 +721,8 @@ def run(
     scanned: list[tuple[str, FileRecord]] = []
     n_new = 0
     try:
-        for relpath, record in _parallel(_scan_file, relpaths, ctx, workers, "ingest"):
+        for relpath, record in map_ordered(_scan_file, relpaths, init=_init_worker, init_args=(ctx,), params=fanout,
+                                           workers=params.workers, desc="ingest"):
             if record.reason == "__cached__":
                 record = cache.records[record.content_hash]
             else:
@@ -753,7 +738,8 @@ def run(
     # phase 3: outputs
     wanted = {r.output: p for u in units for p, r in u.files}
     missing = [(p, out) for out, p in sorted(wanted.items()) if not (out_dir / out).exists()]
-    for _ in _parallel(_rewrite_output, missing, ctx, workers, "rewrite"):
+    for _ in map_ordered(_rewrite_output, missing, init=_init_worker, init_args=(ctx,), params=fanout,
+                         workers=params.workers, desc="rewrite"):
         pass
     _remove_unwanted(out_dir / "dicom", out_dir, set(wanted))
     cache.compact(r.content_hash for _, r in scanned)
@@ -781,7 +767,7 @@ def run(
         by_label=dict(sorted(Counter(u.label for u in units).items())),
         by_transfer_syntax=dict(sorted(Counter(UID(r.transfer_syntax).name for u in units for _, r in u.files).items())),
         label_key=labels.key,
-        run={"workers": workers, "new_files": n_new, "cached_files": len(relpaths) - n_new,
+        run={"runner": fanout.runner, "workers": workers, "new_files": n_new, "cached_files": len(relpaths) - n_new,
              "rewritten_files": len(missing), "seconds": round(time.perf_counter() - started, 2)},
     )
     if summary.files_seen != summary.ingested + summary.rejected_total:

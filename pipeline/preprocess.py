@@ -31,7 +31,6 @@ import logging
 import os
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ import SimpleITK as sitk
 import torch
 from pydicom.pixels import apply_modality_lut
 
+from pipeline.fanout import FanoutParams, map_ordered
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text, csv_text
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ class PreprocessParams:
             for the rest.
         percentiles: (low, high) for ``percentile`` / ``dataset_percentile`` windowing.
         fingerprint_sample: images per (modality, site) sampled for ``dataset_percentile``.
-        workers: processes; 0 = one per core.
+        workers: processes (or threads, or local Dask workers: see ``fanout``); 0 = one per core, 1 = in
+            this process.
     """
 
     size: int = 224
@@ -293,10 +294,11 @@ def _group(row: dict) -> str:
     return f"{row['modality']}|{row['site']}"
 
 
-def _init(ingest_dir: Path, params: PreprocessParams, ranges: dict[str, tuple[float, float]] | None = None) -> None:
+def _init(ingest_dir: Path, params: PreprocessParams, ranges: dict[str, tuple[float, float]] | None = None,
+          parallel: bool = True) -> None:
     global _WORK
     _WORK = (ingest_dir, params, ranges or {})
-    if params.workers != 1:  # parallelism comes from the processes: no thread oversubscription inside
+    if parallel:  # parallelism comes from the fan-out: no thread oversubscription inside
         torch.set_num_threads(1)
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
@@ -325,10 +327,14 @@ class PreprocessSummary:
     seconds: float
 
 
-def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path) -> PreprocessSummary:
-    """Preprocess every manifest row of ``ingest_dir`` into ``out_dir`` (see the module docstring)."""
-    from tqdm import tqdm
+def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
+        fanout: FanoutParams | None = None) -> PreprocessSummary:
+    """Preprocess every manifest row of ``ingest_dir`` into ``out_dir`` (see the module docstring).
 
+    ``fanout`` says where the per-image work runs (default: local processes, ``params.workers`` of
+    them); outputs do not depend on it.
+    """
+    fanout = fanout or FanoutParams()
     started = time.perf_counter()
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
     manifest = pd.read_parquet(ingest_dir / "manifest.parquet")
@@ -339,34 +345,23 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path) -> Preprocess
     shape = (len(rows), params.channels, params.size, params.size)
     tmp = out_dir / ".tensors.npy.tmp"
     tensors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-    workers = params.workers or os.cpu_count() or 1
-    ranges = _dataset_ranges(rows, ingest_dir, params, workers)
+    parallel = not fanout.is_inline(params.workers)
+    ranges = _dataset_ranges(rows, ingest_dir, params, fanout)
     kept: list[int] = []
     rejected: list[tuple[str, str]] = []
     spacings: dict[str, list] = {}
     samples: dict[str, list] = {}
-    bar = tqdm(total=len(rows), desc="preprocess", unit="image", disable=None, mininterval=1.0)
-    if workers <= 1:
-        _init(ingest_dir, params, ranges)
-        results = map(_one, rows)
-    else:
-        pool = ProcessPoolExecutor(workers, initializer=_init, initargs=(ingest_dir, params, ranges))
-        results = pool.map(_one, rows, chunksize=4)
-    try:
-        for i, (tensor, reason, stats) in enumerate(results):
-            bar.update()
-            if tensor is None:
-                rejected.append((rows[i]["image_id"], reason))
-                continue
-            tensors[len(kept)] = tensor
-            kept.append(i)
-            modality = rows[i]["modality"]
-            spacings.setdefault(modality, []).append(stats["spacing"])
-            samples.setdefault(modality, []).append(stats["sample"])
-    finally:
-        bar.close()
-        if workers > 1:
-            pool.shutdown()
+    results = map_ordered(_one, rows, init=_init, init_args=(ingest_dir, params, ranges, parallel), params=fanout,
+                          workers=params.workers, desc="preprocess", unit="image")
+    for i, (tensor, reason, stats) in enumerate(results):
+        if tensor is None:
+            rejected.append((rows[i]["image_id"], reason))
+            continue
+        tensors[len(kept)] = tensor
+        kept.append(i)
+        modality = rows[i]["modality"]
+        spacings.setdefault(modality, []).append(stats["spacing"])
+        samples.setdefault(modality, []).append(stats["sample"])
     tensors.flush()
     del tensors
     _finish_array(tmp, out_dir / "tensors.npy", len(kept), shape)
@@ -417,7 +412,7 @@ def _sample_values(row: dict) -> np.ndarray | None:
 
 
 def _dataset_ranges(rows: list[dict], ingest_dir: Path, params: PreprocessParams,
-                    workers: int) -> dict[str, tuple[float, float]]:
+                    fanout: FanoutParams) -> dict[str, tuple[float, float]]:
     """First pass for ``dataset_percentile``: percentiles of physical values per (modality, site)."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
@@ -429,12 +424,9 @@ def _dataset_ranges(rows: list[dict], ingest_dir: Path, params: PreprocessParams
     for group_rows in groups.values():  # evenly spaced, deterministic
         picks = np.linspace(0, len(group_rows) - 1, min(len(group_rows), params.fingerprint_sample)).round()
         sample += [group_rows[int(i)] for i in np.unique(picks)]
-    if workers <= 1:
-        _init(ingest_dir, params)
-        values = list(map(_sample_values, sample))
-    else:
-        with ProcessPoolExecutor(workers, initializer=_init, initargs=(ingest_dir, params)) as pool:
-            values = list(pool.map(_sample_values, sample, chunksize=2))
+    values = list(map_ordered(_sample_values, sample, init=_init,
+                              init_args=(ingest_dir, params, None, not fanout.is_inline(params.workers)),
+                              params=fanout, workers=params.workers, desc="fingerprint", unit="image"))
     pooled: dict[str, list[np.ndarray]] = {}
     for row, vals in zip(sample, values):
         if vals is not None:

@@ -16,7 +16,9 @@ Transfer strategies (``train.strategy``): ``feature_extraction`` (backbone froze
 statistics included; only the new head learns), ``finetune`` (everything learns, the backbone at
 ``backbone_lr_mult`` × the head's learning rate, after a warm-up) and ``gradual`` (the head first,
 then backbone stages unfrozen from the top, one more every ``gradual_every`` epochs). Training from
-scratch is ``model.pretrained: none`` with ``finetune``.
+scratch is ``model.pretrained: none`` with ``finetune`` (the backbone then learns at the head's rate).
+``train.fraction`` < 1 trains on a nested, class-stratified subset of the training patients (the
+transfer-learning study's learning curves); validation and test stay whole.
 
 Runs on one device, or under ``torchrun --nproc_per_node=N`` with DDP (NCCL on GPUs, gloo on CPU):
 each process takes a shard of every epoch; all of them validate on the whole validation split, so
@@ -98,9 +100,13 @@ class TrainParams:
     workers: int = -1
     device: str = "auto"
     augment: dict = field(default_factory=lambda: {"default": {}})
+    fraction: float = 1.0
+    fraction_seed: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(self.classes))
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"train.fraction: {self.fraction} is not in (0, 1]")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"train.strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)} "
                              "(training from scratch is model.pretrained: none)")
@@ -132,6 +138,8 @@ class TrainSummary:
     device: str
     world_size: int
     ddp_weights_agree: bool | None
+    train_patients: int = 0
+    train_fraction: float = 1.0
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -147,10 +155,40 @@ class SplitData:
     modalities: dict[str, np.ndarray]
     patients: dict[str, int]
     image_shape: tuple[int, ...]
+    train_pool_patients: int | None = None  # train patients before ``fraction`` took its subset
 
 
-def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...]) -> SplitData:
-    """Join the preprocess index with the split assignment; labels become indices into ``classes``."""
+def train_subset(patient_labels: pd.Series, fraction: float, seed: int = 0) -> set[str]:
+    """The training patients kept at ``fraction``: nested across fractions and stratified by class.
+
+    Within each class, patients are ranked by a hash of (salt, ``seed``, patient key) and the first
+    ``ceil(fraction * n)`` are kept (at least one per class present). The ranking does not depend on
+    ``fraction``, so for one seed the 10 % subset lies inside the 25 % one, and so on up to all
+    patients; class balance is kept to within one patient per class.
+
+    Args:
+        patient_labels: one class index per training patient (index: ``patient_key``), e.g. the
+            highest label among its images (for two classes: positive if any image is).
+        fraction: share of each class's patients to keep, in (0, 1].
+        seed: ``train.fraction_seed``: another seed draws other (still nested) subsets.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train.fraction: {fraction} is not in (0, 1]")
+    keep: set[str] = set()
+    for _, group in patient_labels.groupby(patient_labels, sort=True):
+        keys = sorted(group.index.astype(str),
+                      key=lambda k: hashlib.blake2b(f"medtl-fraction:{seed}:{k}".encode(), digest_size=8).digest())
+        keep.update(keys[:max(1, math.ceil(fraction * len(keys) - 1e-9))])
+    return keep
+
+
+def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...], *, fraction: float = 1.0,
+                fraction_seed: int = 0) -> SplitData:
+    """Join the preprocess index with the split assignment; labels become indices into ``classes``.
+
+    ``fraction`` < 1 keeps only a nested, class-stratified subset of the TRAINING patients
+    (:func:`train_subset`); validation and test rows are never touched.
+    """
     index = pd.read_parquet(images_dir / "index.parquet")
     splits = pd.read_csv(splits_csv, dtype={"image_id": str})
     frame = index.merge(splits[["image_id", "split"]], on="image_id", how="inner", validate="one_to_one")
@@ -163,6 +201,13 @@ def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...]) ->
     shape = np.load(tensors, mmap_mode="r").shape
     out: dict[str, dict[str, np.ndarray]] = {"rows": {}, "labels": {}, "modalities": {}}
     patients = {}
+    train_rows = frame["split"] == "train"
+    pool = int(frame.loc[train_rows, "patient_key"].nunique())
+    if fraction < 1:
+        label_index = frame.loc[train_rows, "label"].map({c: i for i, c in enumerate(classes)})
+        patient_labels = label_index.groupby(frame.loc[train_rows, "patient_key"]).max()
+        kept = train_subset(patient_labels, fraction, fraction_seed)
+        frame = frame[~train_rows | frame["patient_key"].astype(str).isin(kept)]
     for name in ("train", "val", "test"):
         part = frame[frame["split"] == name].sort_values("row")
         out["rows"][name] = part["row"].to_numpy(np.int64)
@@ -172,7 +217,7 @@ def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...]) ->
     for name in ("train", "val"):
         if len(out["rows"][name]) == 0:
             raise ValueError(f"{splits_csv}: the {name} split is empty")
-    return SplitData(tensors, out["rows"], out["labels"], out["modalities"], patients, tuple(shape[1:]))
+    return SplitData(tensors, out["rows"], out["labels"], out["modalities"], patients, tuple(shape[1:]), pool)
 
 
 def _augmentation(p: AugmentParams):
@@ -299,6 +344,15 @@ def set_trainable(model: models.Classifier, stages: list[nn.Module], n_trainable
             p.requires_grad_(not frozen)
         if frozen:
             stage.eval()
+
+
+def backbone_lr_mult(params: TrainParams, model_params: models.ModelParams) -> float:
+    """The backbone's learning rate relative to the head's.
+
+    ``train.backbone_lr_mult`` protects pretrained features from large early updates; a network
+    trained from scratch (``model.pretrained: none``) has nothing to protect, so it learns at the full rate.
+    """
+    return 1.0 if model_params.pretrained == "none" else params.backbone_lr_mult
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -447,7 +501,8 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
     dist, device = init_distributed(params.device)
     if dist.world_size > 1 and params.class_balance == "sampler":
         raise ValueError("train.class_balance: sampler is not supported under DDP (torchrun); use weights")
-    data = load_splits(images_dir, Path(splits_csv), params.classes)
+    data = load_splits(images_dir, Path(splits_csv), params.classes, fraction=params.fraction,
+                       fraction_seed=params.fraction_seed)
     versions = data_version(images_dir, Path(splits_csv))
     config_hash = _config_hash(params, model_params, versions["tensors"] + versions["index"] + versions["splits"])
     dtype = amp_dtype(params, device)
@@ -455,6 +510,10 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
 
     torch.manual_seed(params.seed)  # the new head's initial weights (and every weight from scratch)
     model, weights = models.build_model(model_params, n_classes)
+    if model_params.pretrained == "none":
+        # MONAI's random init gives logits of SD ~9 in training mode (a first loss of 5-10): start a
+        # scratch network, like a pretrained one's new head, near uniform, or the baseline is handicapped
+        models._init_head(model.net, models.backbone(model_params.backbone))
     stages = models.backbone_stages(model, model_params.backbone)
     head = models.head_parameters(model, model_params.backbone)
     head_ids = {id(p) for p in head}
@@ -463,7 +522,7 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if id(p) not in head_ids],
-          "lr": params.lr * params.backbone_lr_mult, "name": "backbone"},
+          "lr": params.lr * backbone_lr_mult(params, model_params), "name": "backbone"},
          {"params": head, "lr": params.lr, "name": "head"}], weight_decay=params.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -545,6 +604,9 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
                   "lr_head": base_lrs[-1] * factor, "trainable_stages": n_trainable,
                   "train_images_per_s": seen * dist.world_size / train_s,
                   "epoch_s": time.perf_counter() - epoch_start}
+        # training wall time so far (train + validate, summed over epochs; set-up excluded): the time
+        # a strategy needs to reach a given validation AUC, comparable across resumed runs
+        record["elapsed_s"] = (history[-1].get("elapsed_s", 0.0) if history else 0.0) + record["epoch_s"]
         history.append(record)
         # Select on AUC; a single-class validation split has none, so fall back to the loss.
         score = val_auc if not math.isnan(val_auc) else -val_loss
@@ -578,7 +640,7 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
     rate = float(np.median([h["train_images_per_s"] for h in history])) if history else float("nan")
     summary = TrainSummary(len(history), best["epoch"], _best_auc(history, best["epoch"]), stopped_early, resumed_from,
                            len(data.rows["train"]), len(data.rows["val"]), rate, wall,
-                           _device_name(device), dist.world_size, agree)
+                           _device_name(device), dist.world_size, agree, data.patients["train"], params.fraction)
     if dist.main:
         _write_outputs(out_dir, model, params, model_params, weights, data, images_dir, versions, history,
                        summary, dtype)
@@ -645,6 +707,8 @@ def _log_live(live, record: dict) -> None:
     for name in LIVE_METRICS:
         split, _, metric = name.partition("_")
         live.log_metric(f"{split}/{metric}", float(record[name]))
+    if "elapsed_s" in record:  # absent from the history of checkpoints older than this field
+        live.log_metric("time/elapsed_s", float(record["elapsed_s"]))
     live.next_step()
 
 
@@ -679,6 +743,9 @@ def _write_outputs(out_dir: Path, model: models.Classifier, params: TrainParams,
         "data": {"version_sha256": versions,
                  "images": {s: int(len(data.rows[s])) for s in data.rows},
                  "patients": data.patients,
+                 "train_subset": {"fraction": params.fraction, "fraction_seed": params.fraction_seed,
+                                  "patients": data.patients["train"], "of_patients": data.train_pool_patients,
+                                  "images": len(data.rows["train"])},
                  "class_counts": {s: {c: int((data.labels[s] == i).sum()) for i, c in enumerate(params.classes)}
                                   for s in data.rows},
                  "fingerprint": {k: fingerprint[k] for k in ("images", "labels", "sites", "modalities")

@@ -1,0 +1,849 @@
+"""The transfer-learning study: what ImageNet pretraining buys on a site's own data.
+
+One command (``medtl study``, or the Prefect flow ``transfer_study``) trains a grid of models as DVC
+experiments and says, from the numbers, whether pretraining helped:
+
+- **strategy** × **training-data fraction** × **seed**. Strategies map onto params: ``scratch`` =
+  ``model.pretrained: none`` + ``train.strategy: finetune`` (the whole network learns at the full
+  rate); ``feature_extraction``, ``finetune`` and ``gradual`` = ImageNet weights + that strategy.
+  A fraction keeps a nested, class-stratified subset of the TRAINING patients (``train.fraction``,
+  :func:`pipeline.train.train_subset`): the 10 % patients are inside the 25 % ones; validation and
+  test are the same for every run, which :func:`compare` checks image by image.
+- every run is ``dvc exp run --queue -S ... --name <prefix>-<strategy>-<pct>pct-s<seed>``, then the
+  queue runs (``dvc exp run --run-all -j N``). Results stay DVC experiments: ``dvc exp show``,
+  ``dvc plots diff <exp> <exp>``. The grid's ``overrides`` (e.g. a smaller ``preprocess.size``)
+  apply to every run; DVC's run cache computes a changed preprocess once for all of them.
+- per run (:func:`collect`, read from the experiment's commit): test AUC with its patient-bootstrap
+  CI (``reports/metrics.json``), best epoch, training time, and the epochs and training wall time
+  (train + validation, set-up excluded: ``time/elapsed_s`` of the DVCLive log) until the
+  validation AUC first reaches ``target_val_auc``.
+- :func:`compare` pairs strategies on the same test images (predictions from the DVC cache): the
+  test-AUC difference to ``scratch`` and to ``finetune`` with a paired patient-bootstrap CI (both
+  models on each resample, averaged over seeds), which is narrower than two independent CIs suggest.
+- :func:`findings` turns that table into sentences (rules in its docstring); :func:`report` writes
+  ``reports/study.md`` with a learning-curve and a convergence figure, ``reports/study.csv`` (one
+  row per run) and ``reports/study_summary.csv`` (one row per strategy and fraction).
+
+Figures go to ``reports/study/``, not ``reports/figures/``: that folder is the evaluate stage's DVC
+output, which DVC deletes before each evaluate run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.io_utils import atomic_write_bytes, atomic_write_text
+from pipeline.params import section
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("scratch", "feature_extraction", "finetune", "gradual")
+LABELS = {"scratch": "scratch", "feature_extraction": "feature extraction", "finetune": "fine-tuning",
+          "gradual": "gradual unfreezing"}
+COLOURS = {"scratch": "tab:grey", "feature_extraction": "tab:orange", "finetune": "tab:blue", "gradual": "tab:green"}
+#: the summary's paired comparisons: ``vs_<reference>`` (difference), ``vs_<reference>_lo`` / ``_hi`` (CI)
+REFERENCES = ("scratch", "finetune")
+#: params each run sets itself; a grid's ``overrides`` may not touch them
+RUN_KEYS = ("model.pretrained", "train.strategy", "train.fraction", "train.fraction_seed", "train.seed",
+            "train.epochs", "train.patience")
+#: stages every run shares (data in, patients split): brought up to date in the workspace before queueing
+PREPARE_TARGET = "split"
+#: files read from each experiment's git commit (DVC ``cache: false`` outputs, committed by ``dvc exp``)
+EXP_FILES = {"metrics": "reports/metrics.json", "train": "models/train_metrics.json",
+             "val_auc": "models/live/plots/metrics/val/auc.tsv",
+             "elapsed": "models/live/plots/metrics/time/elapsed_s.tsv"}
+PREDICTIONS = "reports/predictions.csv"  # a cached DVC output: read from the DVC cache by its dvc.lock hash
+NOT_REACHED = "not reached"
+
+
+class StudyError(RuntimeError):
+    """The study cannot start, a run failed, or a run's results are missing."""
+
+
+# ------------------------------------------------------------------------------------------ params
+
+
+@dataclass(frozen=True)
+class StudyGrid:
+    """One grid of ``study.grids`` in params.yaml.
+
+    Attributes:
+        strategies: from :data:`STRATEGIES`.
+        fractions: shares of the training patients, in (0, 1]; sorted ascending.
+        seeds: one run per seed (``train.seed`` and ``train.fraction_seed``: another seed draws
+            another nested subset and another initialisation/order).
+        epochs: ``train.epochs`` of every run.
+        patience: ``train.patience`` of every run (0: every run trains all epochs, so the
+            convergence curves are comparable).
+        target_val_auc: the validation AUC whose first reaching is timed (epochs and seconds).
+        jobs: experiments run at once (``dvc exp run --run-all -j``); torch threads are split between them.
+        n_boot: resamples of the paired patient bootstrap of AUC differences.
+        ci_level: level of those intervals.
+        overrides: ``section.key: value`` applied to every run (sizes it to the machine, e.g.
+            ``preprocess.size``, ``evaluate.n_boot``, ``evaluate.gradcam_examples``).
+    """
+
+    strategies: tuple[str, ...] = STRATEGIES
+    fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 6
+    patience: int = 0
+    target_val_auc: float = 0.75
+    jobs: int = 1
+    n_boot: int = 1000
+    ci_level: float = 0.95
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "strategies", tuple(self.strategies))
+        object.__setattr__(self, "fractions", tuple(sorted(float(f) for f in self.fractions)))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "overrides", dict(self.overrides or {}))
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown or not self.strategies or len(set(self.strategies)) != len(self.strategies):
+            raise ValueError(f"study: strategies {list(self.strategies)}: need distinct values from {list(STRATEGIES)}")
+        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions) or len(set(self.fractions)) != len(self.fractions):
+            raise ValueError(f"study: fractions {list(self.fractions)}: need distinct values in (0, 1]")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study: seeds {list(self.seeds)}: need one or more distinct integers")
+        if self.epochs < 1 or self.patience < 0 or self.jobs < 1 or self.n_boot < 1:
+            raise ValueError("study: need epochs >= 1, patience >= 0, jobs >= 1, n_boot >= 1")
+        if not 0 < self.target_val_auc <= 1 or not 0 < self.ci_level < 1:
+            raise ValueError("study: target_val_auc must be in (0, 1] and ci_level in (0, 1)")
+        bad = [k for k in self.overrides if k in RUN_KEYS or "." not in str(k)]
+        if bad:
+            raise ValueError(f"study: overrides {bad}: keys are section.key and may not be one the study sets "
+                             f"per run ({', '.join(RUN_KEYS)})")
+
+
+@dataclass(frozen=True)
+class StudyParams:
+    """``study`` section of params.yaml: the grid run by default, the experiment-name prefix, the grids."""
+
+    grid: str = "cpu"
+    name: str = "study"
+    grids: dict = field(default_factory=lambda: {"cpu": {}})
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", self.name):
+            raise ValueError(f"study.name: {self.name!r} must be letters, digits, - or _ (it prefixes experiment names)")
+
+    def select(self, grid: str | None = None) -> StudyGrid:
+        """The grid named ``grid`` (default ``study.grid``) as a :class:`StudyGrid`."""
+        name = grid or self.grid
+        if name not in self.grids:
+            raise ValueError(f"study: no grid {name!r} in study.grids (have {sorted(self.grids)})")
+        return section(StudyGrid, self.grids[name], where=f"params.yaml:study.grids.{name}")
+
+
+# -------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Run:
+    """One experiment of the grid: its name and its ``section.key`` params."""
+
+    name: str
+    strategy: str
+    fraction: float
+    seed: int
+    overrides: dict[str, Any]
+
+    def set_params(self) -> list[str]:
+        """``-S`` values for ``dvc exp run`` (Hydra override syntax)."""
+        return [f"{key}={hydra_value(value)}" for key, value in self.overrides.items()]
+
+
+def run_name(prefix: str, strategy: str, fraction: float, seed: int) -> str:
+    """``<prefix>-<strategy>-<percent>pct-s<seed>``, e.g. ``study-finetune-10pct-s0`` (a valid git ref name)."""
+    return f"{prefix}-{strategy.replace('_', '-')}-{fraction * 100:g}pct-s{seed}"
+
+
+def plan(grid: StudyGrid, prefix: str = "study", pretrained: str = "imagenet") -> list[Run]:
+    """The grid's runs, seed by seed, fraction by fraction (smallest first), strategy by strategy.
+
+    Args:
+        grid: the study grid.
+        prefix: experiment-name prefix (``study.name``).
+        pretrained: the workspace's ``model.pretrained``; pretrained strategies keep it (a site's
+            own weights file stays in use), unless it is ``none``, then they use ``imagenet``.
+    """
+    weights = pretrained if pretrained != "none" else "imagenet"
+    runs = []
+    for seed in grid.seeds:
+        for fraction in grid.fractions:
+            for strategy in grid.strategies:
+                model = ({"model.pretrained": "none", "train.strategy": "finetune"} if strategy == "scratch"
+                         else {"model.pretrained": weights, "train.strategy": strategy})
+                overrides = {**grid.overrides, **model, "train.fraction": fraction, "train.fraction_seed": seed,
+                             "train.seed": seed, "train.epochs": grid.epochs, "train.patience": grid.patience}
+                runs.append(Run(run_name(prefix, strategy, fraction, seed), strategy, fraction, seed, overrides))
+    return runs
+
+
+def hydra_value(value: Any) -> str:
+    """``value`` in the Hydra override grammar ``dvc exp run -S`` parses (strings quoted where needed)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", text) and text.lower() not in {"null", "true", "false", "nan", "inf"}:
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# ----------------------------------------------------------------------------------- DVC and git
+
+
+def _env(jobs: int = 1) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)  # the queue worker is spawned as `dvc` from PATH
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
+               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    if jobs > 1:  # parallel experiments share the cores rather than each taking all of them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env
+
+
+def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=check, timeout=120)
+
+
+def _dvc(repo: Path, *args: str, echo: Callable[[str], None] | None = None, jobs: int = 1,
+         timeout: float | None = None) -> tuple[int, list[str]]:
+    """Run ``dvc`` in ``repo``; each output line goes to ``echo`` (progress-bar frames dropped).
+
+    Returns the exit code and the last 40 lines.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(jobs), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    started = time.monotonic()
+    for raw in proc.stdout:
+        for line in raw.replace("\r", "\n").splitlines():
+            line = line.rstrip()
+            if not line or ("batch/s" in line or "it/s" in line) and "%|" in line:
+                continue
+            if echo is not None:
+                echo(line)
+            tail = (tail + [line])[-40:]
+        if timeout is not None and time.monotonic() - started > timeout:
+            proc.kill()
+            raise StudyError(f"dvc {' '.join(args[:3])} ran past {timeout:.0f} s")
+    return proc.wait(), tail
+
+
+def baseline(repo: Path) -> str:
+    """The commit the experiments are based on (HEAD)."""
+    done = _git(repo, "rev-parse", "--verify", "HEAD", check=False)
+    if done.returncode != 0:
+        raise StudyError(f"{repo}: no git commit yet; DVC experiments are based on one (git add, git commit)")
+    return done.stdout.strip()
+
+
+def existing_experiments(repo: Path, base: str) -> dict[str, str]:
+    """Experiments of baseline ``base``: name -> commit."""
+    out = _git(repo, "for-each-ref", "--format=%(refname) %(objectname)", f"refs/exps/{base[:2]}/{base[2:]}/").stdout
+    found = {}
+    for line in out.splitlines():
+        ref, _, sha = line.partition(" ")
+        found[ref.rsplit("/", 1)[-1]] = sha
+    return found
+
+
+def preflight(repo: Path) -> str:
+    """Check that the study's runs can start and keep their results; return the baseline commit.
+
+    Raises:
+        StudyError: no commit, no dvc.yaml, ``.gitignore`` hides the files DVC must commit to each
+            experiment (its metrics would be lost: ``dvc exp show`` would show none), or the DVC queue
+            already holds experiments (running the queue would run them too).
+    """
+    repo = Path(repo)
+    if not (repo / "dvc.yaml").is_file():
+        raise StudyError(f"{repo}: no dvc.yaml; run the study in the project directory")
+    base = baseline(repo)
+    ignored = [p for p in EXP_FILES.values() if _git(repo, "check-ignore", "-q", p, check=False).returncode == 0]
+    if ignored:
+        raise StudyError(
+            f"git ignores {', '.join(ignored)}: `dvc exp` commits only files git tracks, so every run's metrics "
+            "would be lost (and `dvc exp show` would show none). Un-ignore DVC's cache: false outputs in "
+            ".gitignore, e.g. `!/models/train_metrics.json`, `!/models/live/`, `!/reports/metrics.json`, "
+            "`!/reports/plots/`")
+    code, lines = _dvc(repo, "queue", "status")
+    busy = [line for line in lines if re.search(r"\b(Queued|Running)\s*$", line)]
+    if code == 0 and busy:
+        raise StudyError(f"the DVC queue already holds {len(busy)} experiment(s) ({'; '.join(busy[:3])}); run or "
+                         "remove them first (dvc queue status, dvc queue remove --queued)")
+    return base
+
+
+def prepare(repo: Path, echo: Callable[[str], None] | None = None) -> None:
+    """Bring the shared stages (up to :data:`PREPARE_TARGET`) up to date in the workspace.
+
+    Queued experiments start from the last commit plus the workspace's tracked changes; a dvc.lock
+    git does not track yet is staged (as DVC's ``core.autostage`` would) so that they start from
+    this data rather than each redoing ingestion.
+    """
+    log.info("study: bringing the shared stages up to date (dvc repro %s)", PREPARE_TARGET)
+    code, tail = _dvc(repo, "repro", PREPARE_TARGET, echo=echo)
+    if code != 0:
+        raise StudyError(f"dvc repro {PREPARE_TARGET} failed (exit {code}):\n" + "\n".join(tail[-15:]))
+    if (repo / "dvc.lock").exists() and _git(repo, "ls-files", "--error-unmatch", "dvc.lock", check=False).returncode:
+        log.info("study: staging dvc.lock (git add) so the queued experiments start from the prepared data")
+        _git(repo, "add", "dvc.lock")
+
+
+def queue(repo: Path, runs: Sequence[Run], base: str, *, resume: bool = False) -> list[Run]:
+    """Queue the runs as DVC experiments (``dvc exp run --queue``); returns those queued.
+
+    ``resume``: runs whose experiment already exists on this baseline are kept, not rerun (an
+    interrupted study continues). Otherwise an existing experiment of the same name is removed first.
+    """
+    existing = existing_experiments(repo, base)
+    todo = [r for r in runs if not (resume and r.name in existing)]
+    stale = [r.name for r in todo if r.name in existing]
+    if stale:
+        log.info("study: replacing %d earlier experiment(s) of the same name", len(stale))
+        code, tail = _dvc(repo, "exp", "remove", *stale)
+        if code != 0:
+            raise StudyError("dvc exp remove failed:\n" + "\n".join(tail[-10:]))
+    if len(todo) < len(runs):
+        log.info("study: %d of %d runs already done (resume)", len(runs) - len(todo), len(runs))
+    for run in todo:
+        args = ["exp", "run", "--queue", "--name", run.name]
+        for value in run.set_params():
+            args += ["-S", value]
+        code, tail = _dvc(repo, *args)
+        if code != 0:
+            raise StudyError(f"dvc exp run --queue {run.name} failed:\n" + "\n".join(tail[-10:]))
+    log.info("study: queued %d experiment(s)", len(todo))
+    return todo
+
+
+def run_queue(repo: Path, runs: Sequence[Run], jobs: int = 1, echo: Callable[[str], None] | None = None) -> None:
+    """Run the queue (``dvc exp run --run-all -j jobs``), its logs to ``echo``; every run must succeed."""
+    if not runs:
+        return
+    log.info("study: running %d experiment(s), %d at a time", len(runs), jobs)
+    code, tail = _dvc(repo, "exp", "run", "--run-all", "-j", str(jobs), echo=echo, jobs=jobs)
+    failed = [line for line in tail if "Failed to reproduce experiment" in line]
+    if code != 0 or failed:
+        raise StudyError(f"the study's experiments did not all succeed (dvc exit {code}): "
+                         f"{' '.join(failed) or tail[-1] if tail else ''}; see `dvc queue logs <name>`")
+
+
+# ----------------------------------------------------------------------------------------- collect
+
+
+def _show(repo: Path, sha: str, path: str) -> str | None:
+    done = _git(repo, "show", f"{sha}:{path}", check=False)
+    return done.stdout if done.returncode == 0 else None
+
+
+def _curve(val_auc_tsv: str, elapsed_tsv: str) -> pd.DataFrame:
+    auc = pd.read_csv(io.StringIO(val_auc_tsv), sep="\t")[["step", "auc"]]
+    elapsed = pd.read_csv(io.StringIO(elapsed_tsv), sep="\t")[["step", "elapsed_s"]]
+    curve = auc.merge(elapsed, on="step", how="left").rename(columns={"auc": "val_auc"})
+    curve.insert(0, "epoch", curve.pop("step") + 1)
+    return curve
+
+
+def time_to_target(curve: pd.DataFrame, target: float) -> tuple[float, float]:
+    """(epoch, training seconds) when the validation AUC first reached ``target``; (nan, nan) if never."""
+    reached = curve[curve["val_auc"] >= target - 1e-12]
+    if reached.empty:
+        return math.nan, math.nan
+    first = reached.iloc[0]
+    return float(first["epoch"]), float(first["elapsed_s"])
+
+
+def _predictions(repo: Path, sha: str) -> pd.DataFrame:
+    import dvc.api
+
+    text = dvc.api.read(PREDICTIONS, repo=str(repo), rev=sha)
+    return pd.read_csv(io.StringIO(text), dtype={"image_id": str, "patient_key": str})
+
+
+def collect(repo: Path, runs: Sequence[Run], base: str, target_val_auc: float
+            ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Read every run's results from its experiment commit.
+
+    Returns:
+        ``table``: one row per run (``experiment, strategy, fraction, seed, train_patients,
+        train_images, val_images, test_images, epochs_run, best_epoch, best_val_auc, test_auc,
+        test_auc_lo, test_auc_hi, epochs_to_target, time_to_target_s, train_time_s``; the two
+        ``*_to_target`` are nan where the target was not reached); ``curves``: one row per run and
+        epoch (``experiment, strategy, fraction, seed, epoch, val_auc, elapsed_s``); ``predictions``:
+        each run's ``predictions.csv`` (validation and test rows), by experiment name.
+
+    Raises:
+        StudyError: a run has no experiment, or its commit lacks a result file.
+    """
+    refs = existing_experiments(repo, base)
+    missing = [r.name for r in runs if r.name not in refs]
+    if missing:
+        raise StudyError(f"no experiment for {len(missing)} run(s): {', '.join(missing)}; see `dvc queue logs <name>`")
+    rows, curves, predictions = [], [], {}
+    for run in runs:
+        sha = refs[run.name]
+        files = {key: _show(repo, sha, path) for key, path in EXP_FILES.items()}
+        absent = [EXP_FILES[k] for k, v in files.items() if v is None]
+        if absent:
+            raise StudyError(f"experiment {run.name} ({sha[:7]}) lacks {', '.join(absent)}: are they git-ignored?")
+        test = json.loads(files["metrics"])["test"]
+        val = json.loads(files["metrics"]).get("val", {})
+        trained = json.loads(files["train"])
+        curve = _curve(files["val_auc"], files["elapsed"])
+        epoch, seconds = time_to_target(curve, target_val_auc)
+        lo, hi = test["auc_ci"]
+        rows.append({"experiment": run.name, "strategy": run.strategy, "fraction": run.fraction, "seed": run.seed,
+                     "train_patients": trained.get("train_patients"), "train_images": trained["train_images"],
+                     "val_images": val.get("n_images"), "test_images": test["n_images"],
+                     "epochs_run": trained["epochs_run"], "best_epoch": trained["best_epoch"],
+                     "best_val_auc": trained["best_val_auc"], "test_auc": test["auc"], "test_auc_lo": lo,
+                     "test_auc_hi": hi, "epochs_to_target": epoch, "time_to_target_s": seconds,
+                     "train_time_s": trained["wall_s"]})
+        curves.append(curve.assign(experiment=run.name, strategy=run.strategy, fraction=run.fraction, seed=run.seed))
+        predictions[run.name] = _predictions(repo, sha)
+    curve_frame = pd.concat(curves, ignore_index=True)
+    return pd.DataFrame(rows), curve_frame[["experiment", "strategy", "fraction", "seed", "epoch", "val_auc",
+                                            "elapsed_s"]], predictions
+
+
+# ----------------------------------------------------------------------------------------- compare
+
+
+def _split_rows(frame: pd.DataFrame, split: str) -> pd.DataFrame:
+    return frame[frame["split"] == split].sort_values("image_id").reset_index(drop=True)
+
+
+def check_same_evaluation_sets(predictions: dict[str, pd.DataFrame]) -> None:
+    """Every run was validated and tested on the same images with the same labels, else StudyError."""
+    names = list(predictions)
+    for split in ("val", "test"):
+        first = _split_rows(predictions[names[0]], split)[["image_id", "y_true"]]
+        for name in names[1:]:
+            other = _split_rows(predictions[name], split)[["image_id", "y_true"]]
+            if not first.equals(other):
+                raise StudyError(f"the {split} images of {name} differ from those of {names[0]}: the runs are "
+                                 "not comparable (did the split change between them?)")
+
+
+def paired_difference(a: Sequence[pd.DataFrame], b: Sequence[pd.DataFrame], n_boot: int = 1000, seed: int = 0,
+                      ci_level: float = 0.95) -> tuple[float, float, float]:
+    """Test-AUC difference (mean over seeds of ``a`` minus mean of ``b``) with a paired patient-bootstrap CI.
+
+    Args:
+        a, b: test predictions (``image_id, patient_key, y_true, score``) of the runs of two
+            strategies, one frame per seed, all on the same images.
+
+    Returns:
+        (difference, lo, hi); nan for more than two classes or one-class test data.
+    """
+    from pipeline import metrics
+
+    frames = [_split_rows(f, "test") if "split" in f else f.sort_values("image_id").reset_index(drop=True)
+              for f in (*a, *b)]
+    y = frames[0]["y_true"].to_numpy(int)
+    if set(np.unique(y)) - {0, 1} or len(np.unique(y)) < 2:
+        return math.nan, math.nan, math.nan
+    scores = np.column_stack([f["score"].to_numpy(float) for f in frames])
+    k = len(a)
+
+    def difference(yb: np.ndarray, sb: np.ndarray) -> float:
+        aucs = [metrics._rank_auc(yb, sb[:, i]) for i in range(sb.shape[1])]
+        return float(np.mean(aucs[:k]) - np.mean(aucs[k:]))
+
+    boot = metrics.patient_bootstrap(y, scores, frames[0]["patient_key"].to_numpy(), difference, n_boot=n_boot,
+                                     seed=seed, alpha=1 - ci_level)
+    lo, hi = boot["ci"]
+    return float(boot["estimate"]), float(lo), float(hi)
+
+
+def _median_or_nan(values: pd.Series) -> float:
+    # a run that never reached the target counts as infinitely slow: the median says "not reached"
+    # once half the seeds missed it
+    median = float(np.median(values.fillna(math.inf)))
+    return median if math.isfinite(median) else math.nan
+
+
+def compare(table: pd.DataFrame, predictions: dict[str, pd.DataFrame], n_boot: int = 1000,
+            ci_level: float = 0.95) -> pd.DataFrame:
+    """One row per (strategy, fraction): seeds averaged, paired differences to the references.
+
+    Columns: ``strategy, fraction, seeds, train_patients, epochs, test_auc, test_auc_lo,
+    test_auc_hi`` (means over seeds, the CI bounds too), ``vs_scratch, vs_scratch_lo, vs_scratch_hi,
+    vs_finetune, vs_finetune_lo, vs_finetune_hi`` (:func:`paired_difference` over the seeds both
+    strategies ran; nan for the reference itself or where it did not run), ``best_epoch``,
+    ``epochs_to_target``, ``time_to_target_s`` (medians over seeds; nan: not reached) and ``train_time_s``
+    (mean). Rows are ordered by fraction, then by :data:`STRATEGIES`.
+    """
+    check_same_evaluation_sets(predictions)
+    rows = []
+    for (fraction, strategy), group in table.groupby(["fraction", "strategy"], sort=False):
+        row = {"strategy": strategy, "fraction": fraction, "seeds": len(group),
+               "train_patients": int(group["train_patients"].max()), "epochs": int(group["epochs_run"].max()),
+               "test_auc": group["test_auc"].mean(), "test_auc_lo": group["test_auc_lo"].mean(),
+               "test_auc_hi": group["test_auc_hi"].mean()}
+        for reference in REFERENCES:
+            ref = table[(table["strategy"] == reference) & (table["fraction"] == fraction)]
+            seeds = sorted(set(group["seed"]) & set(ref["seed"]))
+            diff = (math.nan,) * 3
+            if reference != strategy and seeds:
+                runs_a, runs_b = (frame.set_index("seed").loc[seeds, "experiment"] for frame in (group, ref))
+                diff = paired_difference([predictions[n] for n in runs_a], [predictions[n] for n in runs_b],
+                                         n_boot=n_boot, ci_level=ci_level)
+            row.update({f"vs_{reference}": diff[0], f"vs_{reference}_lo": diff[1], f"vs_{reference}_hi": diff[2]})
+        row.update({"best_epoch": float(group["best_epoch"].median()),
+                    "epochs_to_target": _median_or_nan(group["epochs_to_target"]),
+                    "time_to_target_s": _median_or_nan(group["time_to_target_s"]),
+                    "train_time_s": group["train_time_s"].mean()})
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    return summary.sort_values(["fraction", "strategy"], key=lambda c: c.map(order) if c.name == "strategy" else c,
+                               ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------- findings
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def _join(items: Sequence[str]) -> str:
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _ci(lo: float, hi: float, level: float) -> str:
+    return f"{level:.0%} CI {lo:+.2f} to {hi:+.2f}"
+
+
+def _diff(value: float, lo: float, hi: float, level: float) -> str:
+    return f"{value:+.2f} AUC, {_ci(lo, hi, level)}"
+
+
+def _verdict(lo: float, hi: float) -> str:
+    return "better" if lo > 0 else "worse" if hi < 0 else "within"
+
+
+def _within_phrase(within: list[float], fractions: list[float]) -> str:
+    if within == fractions:
+        return "at every fraction" if len(fractions) > 1 else f"at {_pct(fractions[0])}"
+    if not within:
+        return "at no fraction"
+    if within == fractions[:len(within)]:
+        return f"at ≤ {_pct(within[-1])} of the training data"
+    return "at " + _join([_pct(f) for f in within])
+
+
+def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_level: float = 0.95) -> list[str]:
+    """Plain-words findings computed from the :func:`compare` table, one string per sentence.
+
+    Rules (Δ = a strategy's test AUC minus the reference's on the same test patients, averaged over
+    seeds, with its paired patient-bootstrap CI):
+
+    - *beats*: the CI of Δ lies above 0; *below*: it lies under 0; otherwise *within CI*.
+    - Per fraction (when scratch ran): each pretrained strategy against scratch.
+    - Per pretrained strategy other than fine-tuning (when fine-tuning ran): the fractions where it
+      is within CI of fine-tuning ("at ≤ 25%" when they are the smallest ones), and where either is better.
+    - Negative transfer = a pretrained strategy *below* scratch; listed where it happened, else
+      "No negative transfer observed".
+    - The highest test AUC per fraction (point estimates, with CIs).
+    - Convergence, at the smallest and the largest fraction: epochs and training seconds to the
+      first validation AUC ≥ ``target_val_auc`` (median over seeds), fastest first; "not within N
+      epochs" where it was not reached.
+
+    Rows whose differences are nan (a missing reference, more than two classes) are left out of the
+    comparisons.
+    """
+    level = ci_level
+    fractions = sorted(summary["fraction"].unique())
+    by = {(r.strategy, r.fraction): r for r in summary.itertuples(index=False)}
+    strategies = [s for s in STRATEGIES if any((s, f) in by for f in fractions)]
+    pretrained = [s for s in strategies if s != "scratch"]
+    sentences: list[str] = []
+
+    def valid(row, ref: str) -> bool:
+        return row is not None and not any(math.isnan(getattr(row, f"vs_{ref}{x}")) for x in ("", "_lo", "_hi"))
+
+    negative = []
+    if "scratch" in strategies:
+        for f in fractions:
+            parts = []
+            for s in pretrained:
+                row = by.get((s, f))
+                if not valid(row, "scratch"):
+                    continue
+                d, lo, hi = row.vs_scratch, row.vs_scratch_lo, row.vs_scratch_hi
+                verdict = _verdict(lo, hi)
+                if verdict == "better":
+                    parts.append(f"{LABELS[s]} beats scratch by {d:+.2f} AUC ({_ci(lo, hi, level)})")
+                elif verdict == "worse":
+                    parts.append(f"{LABELS[s]} is below scratch by {d:+.2f} AUC ({_ci(lo, hi, level)}): negative transfer")
+                    negative.append(f"{LABELS[s]} at {_pct(f)} ({d:+.2f} AUC vs scratch, {_ci(lo, hi, level)})")
+                else:
+                    parts.append(f"{LABELS[s]} is within CI of scratch ({_diff(d, lo, hi, level)})")
+            if parts:
+                patients = by[("scratch", f)].train_patients if ("scratch", f) in by else None
+                who = f" ({patients} patients)" if patients is not None else ""
+                sentences.append(f"At {_pct(f)} of the training data{who}: " + "; ".join(parts) + ".")
+
+    if "finetune" in strategies:
+        for s in [p for p in pretrained if p != "finetune"]:
+            rows = {f: by.get((s, f)) for f in fractions if valid(by.get((s, f)), "finetune")}
+            if not rows:
+                continue
+            compared = sorted(rows)
+            within = [f for f in compared if _verdict(rows[f].vs_finetune_lo, rows[f].vs_finetune_hi) == "within"]
+            text = f"{LABELS[s].capitalize()} is within CI of fine-tuning {_within_phrase(within, compared)}"
+            for verdict, winner, sign in (("worse", "fine-tuning", -1), ("better", LABELS[s], 1)):
+                cases = [f for f in compared if _verdict(rows[f].vs_finetune_lo, rows[f].vs_finetune_hi) == verdict]
+                if cases:
+                    details = [f"{_pct(f)} ({_diff(sign * rows[f].vs_finetune, *sorted((sign * rows[f].vs_finetune_lo, sign * rows[f].vs_finetune_hi)), level)})"
+                               for f in cases]
+                    text += f"; {winner} is better at " + _join(details)
+            sentences.append(text + ".")
+
+    if "scratch" in strategies and pretrained:
+        if negative:
+            sentences.append("Negative transfer observed: " + "; ".join(negative) + ".")
+        else:
+            sentences.append(f"No negative transfer observed: no pretrained strategy's test AUC is below scratch's "
+                             f"with a {level:.0%} CI excluding 0, at any fraction.")
+
+    best = []
+    for f in fractions:
+        rows = [by[(s, f)] for s in strategies if (s, f) in by and not math.isnan(by[(s, f)].test_auc)]
+        if rows:
+            top = max(rows, key=lambda r: r.test_auc)
+            best.append(f"{_pct(f)}: {LABELS[top.strategy]} {top.test_auc:.2f} "
+                        f"({level:.0%} CI {top.test_auc_lo:.2f} to {top.test_auc_hi:.2f})")
+    if best:
+        sentences.append("Highest test AUC per fraction: " + "; ".join(best) + ".")
+
+    if target_val_auc is not None:
+        for f in sorted({fractions[0], fractions[-1]}):
+            rows = [by[(s, f)] for s in strategies if (s, f) in by]
+            reached = sorted([r for r in rows if not math.isnan(r.epochs_to_target)],
+                             key=lambda r: (r.epochs_to_target, r.time_to_target_s))
+            missed = [r for r in rows if math.isnan(r.epochs_to_target)]
+            parts = [f"{LABELS[r.strategy]} after {r.epochs_to_target:g} epoch{'s' if r.epochs_to_target != 1 else ''} "
+                     f"({r.time_to_target_s:.0f} s)" for r in reached]
+            if missed:
+                epochs = max(int(r.epochs) for r in missed)
+                parts.append(f"{_join([LABELS[r.strategy] for r in missed])} not within {epochs} epoch{'s' if epochs != 1 else ''}")
+            sentences.append(f"Validation AUC {target_val_auc:g} reached with {_pct(f)} of the training data: "
+                             + "; ".join(parts) + ".")
+    return sentences
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _figure_learning_curve(summary: pd.DataFrame, level: float):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for strategy in [s for s in STRATEGIES if s in set(summary["strategy"])]:
+        rows = summary[summary["strategy"] == strategy].sort_values("fraction")
+        x = rows["fraction"] * 100
+        ax.fill_between(x, rows["test_auc_lo"], rows["test_auc_hi"], color=COLOURS[strategy], alpha=0.15, linewidth=0)
+        ax.plot(x, rows["test_auc"], marker="o", color=COLOURS[strategy], label=LABELS[strategy])
+    fractions = sorted(summary["fraction"].unique())
+    ax.set_xscale("log")
+    ax.set_xticks([f * 100 for f in fractions], [_pct(f) for f in fractions])
+    ax.minorticks_off()
+    ax.axhline(0.5, color="black", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("training patients used (nested subsets)")
+    ax.set_ylabel(f"test AUC (band: {level:.0%} CI, patient bootstrap)")
+    ax.set_title("Learning curve: test AUC by training-data fraction")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def _figure_convergence(curves: pd.DataFrame, target: float):
+    from matplotlib.figure import Figure
+
+    fractions = sorted(curves["fraction"].unique())
+    fig = Figure(figsize=(3.2 * len(fractions) + 0.6, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(fractions), sharey=True, squeeze=False)[0]
+    for ax, fraction in zip(axes, fractions):
+        part = curves[curves["fraction"] == fraction]
+        for strategy in [s for s in STRATEGIES if s in set(part["strategy"])]:
+            mean = part[part["strategy"] == strategy].groupby("epoch")["val_auc"].mean()
+            ax.plot(mean.index, mean.to_numpy(), marker=".", color=COLOURS[strategy], label=LABELS[strategy])
+        ax.axhline(target, color="black", linewidth=0.8, linestyle="--")
+        ax.set_title(f"{_pct(fraction)} of training data")
+        ax.set_xlabel("epoch")
+    axes[0].set_ylabel(f"validation AUC (dashed: target {target:g})")
+    axes[-1].legend(loc="lower right", fontsize="small")
+    return fig
+
+
+def _png(figure) -> bytes:
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=110)
+    return out.getvalue()
+
+
+def _num(value: float, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def summary_markdown(summary: pd.DataFrame, level: float = 0.95) -> str:
+    """The summary as a markdown table (one row per strategy and fraction)."""
+    pct = f"{level:.0%}"
+    lines = [(f"| strategy | data | patients | test AUC ({pct} CI) | Δ vs scratch ({pct} CI) | "
+              f"Δ vs fine-tuning ({pct} CI) | best epoch | epochs to target | time to target | train time |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples(index=False):
+        def delta(ref: str, r=r) -> str:
+            d = getattr(r, f"vs_{ref}")
+            return "–" if math.isnan(d) else f"{d:+.3f} [{getattr(r, f'vs_{ref}_lo'):+.3f}, {getattr(r, f'vs_{ref}_hi'):+.3f}]"
+        target = NOT_REACHED if math.isnan(r.epochs_to_target) else f"{r.epochs_to_target:g}"
+        seconds = NOT_REACHED if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.0f} s"
+        lines.append(f"| {LABELS[r.strategy]} | {_pct(r.fraction)} | {r.train_patients} | {_num(r.test_auc)} "
+                     f"[{_num(r.test_auc_lo)}, {_num(r.test_auc_hi)}] | {delta('scratch')} | {delta('finetune')} | "
+                     f"{r.best_epoch:g} | {target} | {seconds} | {r.train_time_s:.0f} s |")
+    return "\n".join(lines)
+
+
+def _csv(frame: pd.DataFrame) -> str:
+    out = frame.copy()
+    for column in ("epochs_to_target", "time_to_target_s"):
+        out[column] = out[column].map(lambda v: NOT_REACHED if pd.isna(v) else f"{v:g}")
+    return out.to_csv(index=False, float_format="%.4f")
+
+
+def report(table: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, sentences: list[str],
+           out_dir: Path, grid: StudyGrid, grid_name: str = "cpu", wall_s: float | None = None) -> dict[str, Path]:
+    """Write ``study.md``, ``study.csv`` (per run), ``study_summary.csv`` and the two figures.
+
+    Returns the paths by name (``markdown, table, summary, learning_curve, convergence``).
+    """
+    out_dir = Path(out_dir)
+    paths = {"markdown": out_dir / "study.md", "table": out_dir / "study.csv", "summary": out_dir / "study_summary.csv",
+             "learning_curve": out_dir / "study/learning_curve.png", "convergence": out_dir / "study/convergence.png"}
+    atomic_write_bytes(paths["learning_curve"], _png(_figure_learning_curve(summary, grid.ci_level)))
+    atomic_write_bytes(paths["convergence"], _png(_figure_convergence(curves, grid.target_val_auc)))
+    atomic_write_text(paths["table"], _csv(table))
+    atomic_write_text(paths["summary"], _csv(summary))
+    overrides = ", ".join(f"`{k}={v}`" for k, v in grid.overrides.items()) or "none"
+    runs = "\n".join(
+        f"| `{r.experiment}` | {LABELS[r.strategy]} | {_pct(r.fraction)} | {r.seed} | {r.train_patients} / "
+        f"{r.train_images} | {_num(r.test_auc)} [{_num(r.test_auc_lo)}, {_num(r.test_auc_hi)}] | {r.best_epoch} | "
+        f"{NOT_REACHED if math.isnan(r.epochs_to_target) else f'{r.epochs_to_target:g}'} | {r.train_time_s:.0f} s |"
+        for r in table.itertuples(index=False))
+    first, second = table["experiment"].iloc[0], table["experiment"].iloc[-1]
+    took = f" The study took {wall_s / 60:.1f} min." if wall_s else ""
+    text = f"""# Transfer-learning study
+
+What ImageNet pretraining buys on this site's data: grid `{grid_name}`, {len(table)} runs =
+{len(grid.strategies)} strategies × {len(grid.fractions)} training-data fractions × {len(grid.seeds)} seed(s),
+{grid.epochs} epochs each (patience {grid.patience}); every run validated and tested on the same patients,
+smaller fractions are nested subsets of the training patients. Overrides applied to every run: {overrides}.{took}
+
+## Findings
+
+{chr(10).join(f"- {s}" for s in sentences)}
+
+Δ is a strategy's test AUC minus the reference's on the same test patients (averaged over seeds), with a
+{grid.ci_level:.0%} CI from a paired patient bootstrap ({grid.n_boot} resamples); "beats" and "below" mean that
+interval excludes 0, "within CI" that it includes 0. Time to target: epochs and training seconds (training +
+validation, set-up excluded) until the validation AUC first reached {grid.target_val_auc:g}.
+
+## Learning curve
+
+![test AUC by training-data fraction](study/learning_curve.png)
+
+## Convergence
+
+![validation AUC by epoch](study/convergence.png)
+
+## Summary (per strategy and fraction)
+
+{summary_markdown(summary, grid.ci_level)}
+
+## Runs
+
+| experiment | strategy | data | seed | train patients / images | test AUC (CI) | best epoch | epochs to target | train time |
+|---|---|---|---|---|---|---|---|---|
+{runs}
+
+Tables: `study.csv` (per run), `study_summary.csv`. Every run is a DVC experiment: `dvc exp show`,
+`dvc plots diff {first} {second}`, `dvc exp apply <name>`.
+"""
+    atomic_write_text(paths["markdown"], text)
+    log.info("study: report %s", paths["markdown"])
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class StudySummary:
+    runs: int
+    ran: int
+    wall_s: float
+    report: str
+    findings: list[str]
+
+
+def run(grid: StudyGrid, repo: Path, *, grid_name: str = "cpu", prefix: str = "study", pretrained: str = "imagenet",
+        jobs: int | None = None, resume: bool = False, out_dir: Path | None = None,
+        echo: Callable[[str], None] | None = None) -> StudySummary:
+    """Run the whole study in ``repo``: check, prepare, queue, run, collect, compare, report.
+
+    Args:
+        grid: the grid (:meth:`StudyParams.select`).
+        repo: the DVC project (a git repository with a commit).
+        grid_name: its name, for the report.
+        prefix: experiment-name prefix.
+        pretrained: the workspace's ``model.pretrained`` (see :func:`plan`).
+        jobs: experiments at once (default ``grid.jobs``).
+        resume: keep runs whose experiment exists (see :func:`queue`).
+        out_dir: report directory (default ``repo/reports``).
+        echo: receives every line of DVC's output (default: the debug log).
+    """
+    started = time.perf_counter()
+    repo = Path(repo).resolve()
+    echo = echo or log.debug
+    runs = plan(grid, prefix, pretrained)
+    base = preflight(repo)
+    prepare(repo, echo)
+    queued = queue(repo, runs, base, resume=resume)
+    run_queue(repo, queued, jobs or grid.jobs, echo)
+    table, curves, predictions = collect(repo, runs, base, grid.target_val_auc)
+    summary = compare(table, predictions, grid.n_boot, grid.ci_level)
+    sentences = findings(summary, grid.target_val_auc, grid.ci_level)
+    wall = time.perf_counter() - started
+    paths = report(table, summary, curves, sentences, Path(out_dir or repo / "reports"), grid, grid_name, wall)
+    return StudySummary(len(runs), len(queued), wall, str(paths["markdown"]), sentences)
