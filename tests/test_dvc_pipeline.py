@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1800)  # the full default run on a loaded 2-core machine
 
 
 def scratch_project(proj: Path, shrink: bool = True, remote: Path | None = None) -> Path:
