@@ -11,8 +11,8 @@ experiments and says, from the numbers, whether pretraining helped:
   test are the same for every run, which :func:`compare` checks image by image.
 - every run is ``dvc exp run --queue -S ... --name <prefix>-<strategy>-<pct>pct-s<seed>``, then the
   queue runs (``dvc exp run --run-all -j N``). Results stay DVC experiments: ``dvc exp show``,
-  ``dvc plots diff <exp> <exp>``. The grid's ``overrides`` (e.g. a smaller ``preprocess.size``)
-  apply to every run; DVC's run cache computes a changed preprocess once for all of them.
+  ``dvc plots diff <exp> <exp>``. The grid's ``overrides`` apply to every run; a run whose
+  overrides leave the shared stages alone starts from the workspace's prepared data.
 - per run (:func:`collect`, read from the experiment's commit): test AUC with its patient-bootstrap
   CI (``reports/metrics.json``), best epoch, training time, and the epochs and training wall time
   (train + validation, set-up excluded: ``time/elapsed_s`` of the DVCLive log) until the
@@ -68,6 +68,10 @@ EXP_FILES = {"metrics": "reports/metrics.json", "train": "models/train_metrics.j
              "val_auc": "models/live/plots/metrics/val/auc.tsv",
              "elapsed": "models/live/plots/metrics/time/elapsed_s.tsv"}
 PREDICTIONS = "reports/predictions.csv"  # a cached DVC output: read from the DVC cache by its dvc.lock hash
+#: DVC's run-cache key drops every param of these names (dvc.stage.cache hashes the stage with
+#: ``exclude=["size", "nfiles"]``, meant for file sizes), so ``-S preprocess.size=112`` could restore
+#: the tensors of another size; runs that override such a param are queued with ``--no-run-cache``
+RUN_CACHE_BLIND = ("size", "nfiles")
 NOT_REACHED = "not reached"
 
 
@@ -168,6 +172,11 @@ class Run:
         """``-S`` values for ``dvc exp run`` (Hydra override syntax)."""
         return [f"{key}={hydra_value(value)}" for key, value in self.overrides.items()]
 
+    @property
+    def needs_no_run_cache(self) -> bool:
+        """True when a param DVC's run cache cannot see is overridden (see :data:`RUN_CACHE_BLIND`)."""
+        return any(str(key).rsplit(".", 1)[-1] in RUN_CACHE_BLIND for key in self.overrides)
+
 
 def run_name(prefix: str, strategy: str, fraction: float, seed: int) -> str:
     """``<prefix>-<strategy>-<percent>pct-s<seed>``, e.g. ``study-finetune-10pct-s0`` (a valid git ref name)."""
@@ -230,8 +239,7 @@ def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=check, timeout=120)
 
 
-def _dvc(repo: Path, *args: str, echo: Callable[[str], None] | None = None, jobs: int = 1,
-         timeout: float | None = None) -> tuple[int, list[str]]:
+def _dvc(repo: Path, *args: str, echo: Callable[[str], None] | None = None, jobs: int = 1) -> tuple[int, list[str]]:
     """Run ``dvc`` in ``repo``; each output line goes to ``echo`` (progress-bar frames dropped).
 
     Returns the exit code and the last 40 lines.
@@ -240,7 +248,6 @@ def _dvc(repo: Path, *args: str, echo: Callable[[str], None] | None = None, jobs
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: list[str] = []
     assert proc.stdout is not None
-    started = time.monotonic()
     for raw in proc.stdout:
         for line in raw.replace("\r", "\n").splitlines():
             line = line.rstrip()
@@ -249,9 +256,6 @@ def _dvc(repo: Path, *args: str, echo: Callable[[str], None] | None = None, jobs
             if echo is not None:
                 echo(line)
             tail = (tail + [line])[-40:]
-        if timeout is not None and time.monotonic() - started > timeout:
-            proc.kill()
-            raise StudyError(f"dvc {' '.join(args[:3])} ran past {timeout:.0f} s")
     return proc.wait(), tail
 
 
@@ -300,20 +304,34 @@ def preflight(repo: Path) -> str:
     return base
 
 
+def _shared_state_files(repo: Path) -> list[str]:
+    """dvc.lock and the git-versioned (``cache: false``) outputs of :data:`PREPARE_TARGET` and its upstream stages."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        stages = dvc_repo.stage.collect(PREPARE_TARGET, with_deps=True)
+        outs = [os.path.relpath(out.fs_path, repo) for stage in stages for out in stage.outs if not out.use_cache]
+    return ["dvc.lock", *outs]
+
+
 def prepare(repo: Path, echo: Callable[[str], None] | None = None) -> None:
     """Bring the shared stages (up to :data:`PREPARE_TARGET`) up to date in the workspace.
 
-    Queued experiments start from the last commit plus the workspace's tracked changes; a dvc.lock
-    git does not track yet is staged (as DVC's ``core.autostage`` would) so that they start from
-    this data rather than each redoing ingestion.
+    Queued experiments start from the last commit plus the changes git tracks (staged or modified),
+    not from untracked files. So dvc.lock and the shared stages' ``cache: false`` outputs (their
+    metrics) are staged, as DVC's ``core.autostage`` would: every run then finds those stages up to
+    date instead of redoing them (files git ignores are left alone; those stages rerun per run).
     """
     log.info("study: bringing the shared stages up to date (dvc repro %s)", PREPARE_TARGET)
     code, tail = _dvc(repo, "repro", PREPARE_TARGET, echo=echo)
     if code != 0:
         raise StudyError(f"dvc repro {PREPARE_TARGET} failed (exit {code}):\n" + "\n".join(tail[-15:]))
-    if (repo / "dvc.lock").exists() and _git(repo, "ls-files", "--error-unmatch", "dvc.lock", check=False).returncode:
-        log.info("study: staging dvc.lock (git add) so the queued experiments start from the prepared data")
-        _git(repo, "add", "dvc.lock")
+    files = [f for f in _shared_state_files(repo) if (repo / f).exists()
+             and _git(repo, "check-ignore", "-q", f, check=False).returncode != 0]
+    changed = _git(repo, "status", "--porcelain", "--", *files).stdout.strip() if files else ""
+    if changed:
+        log.info("study: staging %s (git add) so every run starts from the prepared data", ", ".join(files))
+        _git(repo, "add", "--", *files)
 
 
 def queue(repo: Path, runs: Sequence[Run], base: str, *, resume: bool = False) -> list[Run]:
@@ -332,8 +350,11 @@ def queue(repo: Path, runs: Sequence[Run], base: str, *, resume: bool = False) -
             raise StudyError("dvc exp remove failed:\n" + "\n".join(tail[-10:]))
     if len(todo) < len(runs):
         log.info("study: %d of %d runs already done (resume)", len(runs) - len(todo), len(runs))
+    if any(run.needs_no_run_cache for run in todo):
+        log.warning("study: an override names a param DVC's run cache ignores (%s): runs skip the run cache, "
+                    "so changed stages recompute in every run", "/".join(RUN_CACHE_BLIND))
     for run in todo:
-        args = ["exp", "run", "--queue", "--name", run.name]
+        args = ["exp", "run", "--queue", "--name", run.name, *(["--no-run-cache"] if run.needs_no_run_cache else [])]
         for value in run.set_params():
             args += ["-S", value]
         code, tail = _dvc(repo, *args)
@@ -351,8 +372,9 @@ def run_queue(repo: Path, runs: Sequence[Run], jobs: int = 1, echo: Callable[[st
     code, tail = _dvc(repo, "exp", "run", "--run-all", "-j", str(jobs), echo=echo, jobs=jobs)
     failed = [line for line in tail if "Failed to reproduce experiment" in line]
     if code != 0 or failed:
-        raise StudyError(f"the study's experiments did not all succeed (dvc exit {code}): "
-                         f"{' '.join(failed) or tail[-1] if tail else ''}; see `dvc queue logs <name>`")
+        detail = "; ".join(failed) or (tail[-1] if tail else "no output")
+        raise StudyError(f"the study's experiments did not all succeed (dvc exit {code}): {detail}; "
+                         "see `dvc queue logs <name>`")
 
 
 # ----------------------------------------------------------------------------------------- collect

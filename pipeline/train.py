@@ -416,6 +416,30 @@ def predict(model: nn.Module, loader, device: torch.device, dtype: torch.dtype |
     return np.concatenate(probs), np.concatenate(labels)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, device: torch.device, channels_last: bool) -> None:
+    """Set every BatchNorm's running statistics to their average over ``loader`` with the current weights.
+
+    A network trained from scratch needs it: MONAI's EfficientNet keeps TF's BatchNorm momentum 0.01,
+    so after a short run the running statistics are still mostly their initial (0, 1), far from the
+    activations of the trained weights, and evaluation-mode outputs shrink to one constant for every
+    image (validation AUC exactly 0.5). Pretrained networks start from ImageNet statistics instead.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+
+
 def _class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     return len(labels) / (n_classes * np.maximum(counts, 1))
@@ -510,9 +534,10 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
 
     torch.manual_seed(params.seed)  # the new head's initial weights (and every weight from scratch)
     model, weights = models.build_model(model_params, n_classes)
-    if model_params.pretrained == "none":
-        # MONAI's random init gives logits of SD ~9 in training mode (a first loss of 5-10): start a
-        # scratch network, like a pretrained one's new head, near uniform, or the baseline is handicapped
+    scratch = model_params.pretrained == "none"
+    if scratch:
+        # A fair baseline: MONAI's random init gives logits of SD ~9 in training mode (a first loss of
+        # 5-10); start the head near uniform, as a pretrained model's new head does.
         models._init_head(model.net, models.backbone(model_params.backbone))
     stages = models.backbone_stages(model, model_params.backbone)
     head = models.head_parameters(model, model_params.backbone)
@@ -535,6 +560,9 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
     workers = params.workers if params.workers >= 0 else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
     loader_args = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     val_loader = DataLoader(val_ds, batch_size=params.batch_size * 2, shuffle=False, **loader_args)
+    # scratch only: BatchNorm statistics recomputed on the training images after each epoch (see below)
+    calibration_loader = (DataLoader(make_dataset(data, "train", None), batch_size=params.batch_size, shuffle=False,
+                                     **loader_args) if scratch else None)
     steps_per_epoch = math.ceil(len(train_ds) / (params.batch_size * dist.world_size))
     total_steps = steps_per_epoch * params.epochs
     warmup_steps = int(round(params.warmup_epochs * steps_per_epoch)) if params.strategy != "feature_extraction" else 0
@@ -590,6 +618,8 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
             loss_sum += loss * len(y)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         train_s = time.perf_counter() - epoch_start
+        if calibration_loader is not None:
+            recalibrate_batchnorm(model, calibration_loader, device, params.channels_last)
         if dist.world_size > 1:
             # DDP syncs BatchNorm statistics at the start of each forward, so the last batch leaves
             # them differing between processes: take rank 0's, so all validate the same model.

@@ -76,6 +76,9 @@ def test_plan_maps_strategies_onto_params_and_names_each_run():
         "train.strategy=feature_extraction", "train.fraction=0.25", "train.fraction_seed=3", "train.seed=3",
         "train.epochs=2", "train.patience=0"]
     assert study.plan(grid, pretrained="none")[1].overrides["model.pretrained"] == "imagenet"
+    # DVC's run cache cannot see params named `size`: such runs must not be restored from it
+    assert scratch.needs_no_run_cache
+    assert not any(r.needs_no_run_cache for r in study.plan(study.StudyGrid(overrides={"evaluate.n_boot": 50})))
 
 
 @pytest.mark.parametrize("values, message", [
@@ -274,7 +277,7 @@ def test_tiny_grid_end_to_end_through_medtl_study(tmp_path):
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["study"]["grids"]["tiny"] = {
         "strategies": ["scratch", "finetune"], "fractions": [0.5, 1.0], "seeds": [0], "epochs": 1,
-        "target_val_auc": 0.5, "jobs": 2, "n_boot": 100,
+        "target_val_auc": 0.5, "jobs": 1, "n_boot": 100,
         "overrides": {"evaluate.n_boot": 50, "evaluate.gradcam_examples": 0, "evaluate.subgroups": []}}
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _git(proj, "commit", "-qam", "tiny study grid")
