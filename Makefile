@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-dev demo demo-more test bench
+.PHONY: setup setup-dev demo demo-more study test bench
 
 setup:
 	scripts/setup.sh
@@ -25,6 +25,11 @@ demo-more: setup
 	medtl synth --out data/raw/synth --add 20
 	medtl retrain
 	@echo; medtl summary
+
+## study: set up, then the transfer-learning study (strategy x data fraction, DVC experiments) on the
+## synthetic cohort: reports/study.md with figures and findings (grid: params study.grids.cpu)
+study: setup
+	medtl study
 
 ## test: set up with test dependencies, then run the whole test suite
 test: setup-dev
