@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +26,8 @@ from prefect.artifacts import (
 )
 from prefect.states import Completed
 
+from pipeline.dvc_cli import run_dvc
+
 LOCK_FILE = ".medtl/retrain.lock"
 _EPOCH = re.compile(r"epoch (\d+)/(\d+): train loss")
 
@@ -40,16 +40,6 @@ class RepoBusy(RuntimeError):
     """Another retrain run holds the repository lock."""
 
 
-def _dvc() -> list[str]:
-    return [sys.executable, "-m", "dvc"]
-
-
-def _env() -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    return dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
-                PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-
-
 def pipeline_stages(repo: Path) -> list[str]:
     """Stage names in dvc.yaml order (dvc.yaml is the one definition of the stages)."""
     return list((yaml.safe_load((repo / "dvc.yaml").read_text()) or {}).get("stages", {}))
@@ -59,33 +49,25 @@ def pipeline_stages(repo: Path) -> list[str]:
 def run_stage(repo: Path, stage: str):
     """``dvc repro --single-item <stage>``, its output streamed line by line into the task log."""
     logger = get_run_logger()
-    progress_id = None
-    tail: list[str] = []
+    seen = {"skipped": False, "progress": None}
+
+    def on_line(line: str) -> None:
+        logger.info("%s", line)
+        seen["skipped"] = seen["skipped"] or "didn't change, skipping" in line
+        match = _EPOCH.search(line)
+        if match:
+            done, total = int(match.group(1)), int(match.group(2))
+            if seen["progress"] is None:
+                seen["progress"] = create_progress_artifact(progress=0.0, key=f"{stage}-progress",
+                                                            description=f"{stage}: epochs done / planned")
+            update_progress_artifact(seen["progress"], progress=100.0 * done / total)
+
     started = time.perf_counter()
-    proc = subprocess.Popen([*_dvc(), "repro", "--single-item", stage], cwd=repo, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    skipped = False
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        for line in raw.replace("\r", "\n").splitlines():
-            line = line.rstrip()
-            if not line or line.lstrip().startswith("epoch") and "batch/s" in line:
-                continue  # progress-bar frames: the epoch log lines carry the same news
-            logger.info("%s", line)
-            tail = (tail + [line])[-30:]
-            skipped = skipped or "didn't change, skipping" in line
-            match = _EPOCH.search(line)
-            if match:
-                done, total = int(match.group(1)), int(match.group(2))
-                if progress_id is None:
-                    progress_id = create_progress_artifact(progress=0.0, key=f"{stage}-progress",
-                                                           description=f"{stage}: epochs done / planned")
-                update_progress_artifact(progress_id, progress=100.0 * done / total)
-    code = proc.wait()
+    code, tail = run_dvc(repo, "repro", "--single-item", stage, on_line=on_line)
     if code != 0:
         raise StageFailed(f"stage {stage} failed (dvc exit {code}):\n" + "\n".join(tail[-15:]))
     seconds = round(time.perf_counter() - started, 1)
-    if skipped:
+    if seen["skipped"]:
         return Completed(name="Skipped", message=f"{stage}: unchanged, skipped by DVC",
                          data={"stage": stage, "ran": False, "seconds": seconds})
     return {"stage": stage, "ran": True, "seconds": seconds}
@@ -108,17 +90,15 @@ def promote_task(repo: Path, force: bool = False) -> dict:
 def push_task(repo: Path) -> str:
     """``dvc push`` to the default remote (network or disk trouble is worth a retry); raw data is push: false."""
     logger = get_run_logger()
-    remote = subprocess.run([*_dvc(), "remote", "default"], cwd=repo, env=_env(), capture_output=True, text=True, check=False)
-    if remote.returncode != 0 or not remote.stdout.strip():
+    code, lines = run_dvc(repo, "remote", "default")
+    remote = lines[-1].strip() if code == 0 and lines else ""
+    if not remote:
         logger.warning("no default DVC remote configured: nothing pushed (dvc remote add -d ...)")
         return "no remote"
-    done = subprocess.run([*_dvc(), "push"], cwd=repo, env=_env(), capture_output=True, text=True, check=False)
-    for line in (done.stdout + done.stderr).splitlines():
-        if line.strip():
-            logger.info("%s", line)
-    if done.returncode != 0:
-        raise RuntimeError(f"dvc push to {remote.stdout.strip()} failed: {done.stderr.strip()[-2000:]}")
-    return remote.stdout.strip()
+    code, tail = run_dvc(repo, "push", on_line=lambda line: logger.info("%s", line))
+    if code != 0:
+        raise RuntimeError(f"dvc push to {remote} failed (exit {code}): " + " | ".join(tail[-10:]))
+    return remote
 
 
 def apply_overrides(repo: Path, overrides: dict[str, Any]) -> None:

@@ -37,7 +37,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.dvc_cli import run_dvc
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 from pipeline.params import section
 
@@ -226,37 +226,13 @@ def hydra_value(value: Any) -> str:
 # ----------------------------------------------------------------------------------- DVC and git
 
 
-def _env(jobs: int = 1) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)  # the queue worker is spawned as `dvc` from PATH
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1",
-               PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    if jobs > 1:  # parallel experiments share the cores rather than each taking all of them
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    return env
-
-
 def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=check, timeout=120)
 
 
 def _dvc(repo: Path, *args: str, echo: Callable[[str], None] | None = None, jobs: int = 1) -> tuple[int, list[str]]:
-    """Run ``dvc`` in ``repo``; each output line goes to ``echo`` (progress-bar frames dropped).
-
-    Returns the exit code and the last 40 lines.
-    """
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(jobs), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    tail: list[str] = []
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        for line in raw.replace("\r", "\n").splitlines():
-            line = line.rstrip()
-            if not line or ("batch/s" in line or "it/s" in line) and "%|" in line:
-                continue
-            if echo is not None:
-                echo(line)
-            tail = (tail + [line])[-40:]
-    return proc.wait(), tail
+    """Run ``dvc`` in ``repo``, each output line to ``echo``; the exit code and the last 40 lines."""
+    return run_dvc(repo, *args, on_line=echo, jobs=jobs)
 
 
 def baseline(repo: Path) -> str:
@@ -521,9 +497,12 @@ def compare(table: pd.DataFrame, predictions: dict[str, pd.DataFrame], n_boot: i
     vs_finetune, vs_finetune_lo, vs_finetune_hi`` (:func:`paired_difference` over the seeds both
     strategies ran; nan for the reference itself or where it did not run), ``best_epoch``,
     ``epochs_to_target``, ``time_to_target_s`` (medians over seeds; nan: not reached) and ``train_time_s``
-    (mean). Rows are ordered by fraction, then by :data:`STRATEGIES`.
+    (mean), ``test_patients`` (the same for every row). Rows are ordered by fraction, then by
+    :data:`STRATEGIES`.
     """
     check_same_evaluation_sets(predictions)
+    first = next(iter(predictions.values()))
+    test_patients = int(first.loc[first["split"] == "test", "patient_key"].nunique())
     rows = []
     for (fraction, strategy), group in table.groupby(["fraction", "strategy"], sort=False):
         row = {"strategy": strategy, "fraction": fraction, "seeds": len(group),
@@ -542,7 +521,7 @@ def compare(table: pd.DataFrame, predictions: dict[str, pd.DataFrame], n_boot: i
         row.update({"best_epoch": float(group["best_epoch"].median()),
                     "epochs_to_target": _median_or_nan(group["epochs_to_target"]),
                     "time_to_target_s": _median_or_nan(group["time_to_target_s"]),
-                    "train_time_s": group["train_time_s"].mean()})
+                    "train_time_s": group["train_time_s"].mean(), "test_patients": test_patients})
         rows.append(row)
     summary = pd.DataFrame(rows)
     order = {s: i for i, s in enumerate(STRATEGIES)}
@@ -597,6 +576,10 @@ def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_leve
     - Negative transfer = a pretrained strategy *below* scratch; listed where it happened, else
       "No negative transfer observed".
     - The highest test AUC per fraction (point estimates, with CIs).
+    - Chance: the cells whose test-AUC CI lies above 0.5 (and below it, if any); none above says
+      the study cannot rank strategies on this test set.
+    - Resolution: the median half-width of the paired-difference CIs, on ``test_patients``
+      patients: differences smaller than that are not detectable here.
     - Convergence, at the smallest and the largest fraction: epochs and training seconds to the
       first validation AUC ≥ ``target_val_auc`` (median over seeds), fastest first; "not within N
       epochs" where it was not reached.
@@ -668,6 +651,7 @@ def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_leve
                         f"({level:.0%} CI {top.test_auc_lo:.2f} to {top.test_auc_hi:.2f})")
     if best:
         sentences.append("Highest test AUC per fraction: " + "; ".join(best) + ".")
+    sentences += _chance_and_resolution(summary, strategies, fractions, level)
 
     if target_val_auc is not None:
         for f in sorted({fractions[0], fractions[-1]}):
@@ -682,6 +666,42 @@ def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_leve
                 parts.append(f"{_join([LABELS[r.strategy] for r in missed])} not within {epochs} epoch{'s' if epochs != 1 else ''}")
             sentences.append(f"Validation AUC {target_val_auc:g} reached with {_pct(f)} of the training data: "
                              + "; ".join(parts) + ".")
+    return sentences
+
+
+def _chance_and_resolution(summary: pd.DataFrame, strategies: list[str], fractions: list[float],
+                           level: float) -> list[str]:
+    """The chance and resolution sentences of :func:`findings`."""
+    cells = [r for f in fractions for r in summary.itertuples(index=False)
+             if r.fraction == f and r.strategy in strategies and not math.isnan(r.test_auc)]
+    if not cells:
+        return []
+    name = lambda r: f"{LABELS[r.strategy]} at {_pct(r.fraction)}"  # noqa: E731
+    above = [r for r in cells if r.test_auc_lo > 0.5]
+    below = [r for r in cells if r.test_auc_hi < 0.5]
+    chance = f"above chance (its {level:.0%} CI excludes 0.5)"
+    if not above:
+        text = (f"No test AUC is above chance (every {level:.0%} CI includes 0.5 or lies below it): on this "
+                "test set the study cannot show that any strategy learned the task")
+    elif len(above) == len(cells):
+        text = f"Test AUC is {chance} in every strategy × fraction cell"
+    elif len(above) <= len(cells) / 2:
+        text = f"Test AUC is {chance} in {len(above)} of {len(cells)} strategy × fraction cells: " + _join(
+            [name(r) for r in above])
+    else:
+        text = f"Test AUC is {chance} in {len(above)} of {len(cells)} strategy × fraction cells, all but " + _join(
+            [name(r) for r in cells if r not in above])
+    if below:
+        text += "; below chance: " + _join([f"{name(r)} ({r.test_auc:.2f})" for r in below])
+    sentences = [text + "."]
+    widths = [(getattr(r, f"vs_{ref}_hi") - getattr(r, f"vs_{ref}_lo")) / 2
+              for r in cells for ref in REFERENCES if not math.isnan(getattr(r, f"vs_{ref}_hi"))]
+    if widths:
+        patients = getattr(cells[0], "test_patients", None)
+        on = f" on {patients} test patients" if patients is not None and not pd.isna(patients) else ""
+        sentences.append(f"Resolution: the paired {level:.0%} CIs of the differences are ±{float(np.median(widths)):.2f} "
+                         f"AUC wide (median half-width){on}: smaller differences cannot be told from noise "
+                         "here (more test patients or seeds narrow them).")
     return sentences
 
 

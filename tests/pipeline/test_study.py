@@ -177,7 +177,8 @@ def _summary(rows) -> pd.DataFrame:
             **dict(zip(("vs_scratch", "vs_scratch_lo", "vs_scratch_hi"), vs_scratch or nan3)),
             **dict(zip(("vs_finetune", "vs_finetune_lo", "vs_finetune_hi"), vs_finetune or nan3)),
             "best_epoch": 3.0, "epochs_to_target": math.nan if epochs is None else float(epochs),
-            "time_to_target_s": math.nan if seconds is None else float(seconds), "train_time_s": 100.0})
+            "time_to_target_s": math.nan if seconds is None else float(seconds), "train_time_s": 100.0,
+            "test_patients": 15})
     return pd.DataFrame(records)
 
 
@@ -198,6 +199,10 @@ def test_findings_are_computed_from_the_table():
         "Negative transfer observed: feature extraction at 100% (-0.09 AUC vs scratch, 95% CI -0.16 to -0.02).",
         ("Highest test AUC per fraction: 10%: fine-tuning 0.72 (95% CI 0.60 to 0.84); 25%: fine-tuning 0.78 "
          "(95% CI 0.67 to 0.88); 100%: fine-tuning 0.87 (95% CI 0.78 to 0.94)."),
+        ("Test AUC is above chance (its 95% CI excludes 0.5) in 11 of 12 strategy × fraction cells, all but scratch "
+         "at 10%."),
+        ("Resolution: the paired 95% CIs of the differences are ±0.07 AUC wide (median half-width) on 15 test "
+         "patients: smaller differences cannot be told from noise here (more test patients or seeds narrow them)."),
         ("Validation AUC 0.7 reached with 10% of the training data: feature extraction after 2 epochs (12 s); "
          "fine-tuning after 3 epochs (30 s); scratch and gradual unfreezing not within 5 epochs."),
         ("Validation AUC 0.7 reached with 100% of the training data: fine-tuning after 2 epochs (110 s); gradual "
@@ -213,6 +218,24 @@ def test_findings_without_negative_transfer_say_so():
     assert not any("Feature extraction" in s or "reached with" in s for s in sentences)
     # fine-tuning better where planted, never below scratch
     assert sentences[0].startswith("At 10% of the training data (8 patients): fine-tuning beats scratch by +0.12")
+
+
+def test_findings_say_when_no_model_beats_chance_and_how_wide_the_differences_are():
+    rows = [(s, f, n, auc - 0.3, lo - 0.3, hi - 0.3, *rest) for s, f, n, auc, lo, hi, *rest in PLANTED]
+    sentences = study.findings(_summary(rows))
+    assert ("No test AUC is above chance (every 95% CI includes 0.5 or lies below it): on this test set the study "
+            "cannot show that any strategy learned the task; below chance: scratch at 10% (0.30) and gradual unfreezing at 10% (0.35).") in sentences
+    few = [(s, f, n, *((auc, lo, hi) if f == 1.0 and s != "feature_extraction" else (0.5, 0.4, 0.6)), *rest)
+           for s, f, n, auc, lo, hi, *rest in PLANTED]
+    assert any(s == ("Test AUC is above chance (its 95% CI excludes 0.5) in 3 of 12 strategy × fraction cells: "
+                     "scratch at 100%, fine-tuning at 100% and gradual unfreezing at 100%.")
+               for s in study.findings(_summary(few)))
+    wide = _summary(PLANTED)
+    for ref in ("scratch", "finetune"):
+        wide[f"vs_{ref}_lo"] -= 0.2
+        wide[f"vs_{ref}_hi"] += 0.2
+    assert any(s.startswith("Resolution: the paired 95% CIs of the differences are ±0.27 AUC wide (median "
+                            "half-width) on 15 test patients") for s in study.findings(wide))
 
 
 def test_findings_when_feature_extraction_is_never_within_ci_or_only_at_some_fractions():
