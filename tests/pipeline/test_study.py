@@ -95,7 +95,8 @@ def test_the_params_file_grids_are_valid():
     params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())["study"]
     selected = study.StudyParams(**params)
     cpu, gpu = selected.select("cpu"), selected.select("gpu")
-    assert set(cpu.strategies) == set(gpu.strategies) == set(study.STRATEGIES)
+    assert set(gpu.strategies) == set(study.STRATEGIES)  # the real study compares every strategy
+    assert {"scratch", "feature_extraction", "finetune"} <= set(cpu.strategies)  # pretraining vs none, both ways
     assert len(gpu.seeds) > 1 and gpu.epochs > cpu.epochs and 1.0 in cpu.fractions
     with pytest.raises(ValueError, match="no grid 'tpu'"):
         selected.select("tpu")
