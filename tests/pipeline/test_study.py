@@ -328,3 +328,8 @@ def test_tiny_grid_end_to_end_through_medtl_study(tmp_path):
     json.loads(shown.stdout)
     assert all(name in shown.stdout for name in table["experiment"]), shown.stdout[:2000]
     assert "auc_ci_lo" in shown.stdout and "train_patients" in shown.stdout, "experiments carry their metrics"
+    first, last = table["experiment"].iloc[0], table["experiment"].iloc[-1]
+    diff = _dvc(proj, "plots", "diff", first, last, "-o", str(tmp_path / "plots"))
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    html = (tmp_path / "plots/index.html").read_text()
+    assert first in html and last in html and "ROC (test)" in html and "metrics/val/auc.tsv" in html
