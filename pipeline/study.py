@@ -732,6 +732,7 @@ def _figure_learning_curve(summary: pd.DataFrame, level: float):
 
 def _figure_convergence(curves: pd.DataFrame, target: float):
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fractions = sorted(curves["fraction"].unique())
     fig = Figure(figsize=(3.2 * len(fractions) + 0.6, 3.6), layout="constrained")
@@ -744,6 +745,7 @@ def _figure_convergence(curves: pd.DataFrame, target: float):
         ax.axhline(target, color="black", linewidth=0.8, linestyle="--")
         ax.set_title(f"{_pct(fraction)} of training data")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel(f"validation AUC (dashed: target {target:g})")
     axes[-1].legend(loc="lower right", fontsize="small")
     return fig
