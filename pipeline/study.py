@@ -276,7 +276,8 @@ def preflight(repo: Path) -> str:
     busy = [line for line in lines if re.search(r"\b(Queued|Running)\s*$", line)]
     if code == 0 and busy:
         raise StudyError(f"the DVC queue already holds {len(busy)} experiment(s) ({'; '.join(busy[:3])}); run or "
-                         "remove them first (dvc queue status, dvc queue remove --queued)")
+                         "remove them first (dvc queue status; dvc queue remove --queued; a 'Running' one left by "
+                         "an interrupted study: dvc queue kill <task>)")
     return base
 
 
