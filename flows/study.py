@@ -25,11 +25,11 @@ def _echo():
 @task(name="study: plan", task_run_name="plan", cache_policy=NO_CACHE)
 def plan_task(repo: Path, grid: str | None) -> dict:
     """Read the ``study`` (and ``model.pretrained``) params at the edge and lay out the runs."""
-    from pipeline.params import load_section, read_params
+    from pipeline.params import load_section
 
     params = load_section(study.StudyParams, repo / "params.yaml", "study")
     selected = params.select(grid)
-    pretrained = str((read_params(repo / "params.yaml").get("model") or {}).get("pretrained", "imagenet"))
+    pretrained = study.workspace_pretrained(repo / "params.yaml")
     runs = study.plan(selected, params.name, pretrained)
     get_run_logger().info("study: grid %s, %d runs: %s", grid or params.grid, len(runs), ", ".join(r.name for r in runs))
     return {"grid": selected, "grid_name": grid or params.grid, "runs": runs}

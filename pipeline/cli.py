@@ -201,7 +201,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from pipeline import study
-    from pipeline.params import read_params
 
     repo = Path(args.repo).resolve()
     try:
@@ -218,7 +217,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             result = transfer_study(repo=str(repo), grid=args.grid, jobs=args.jobs, resume=args.resume)
             report, sentences, wall_s = result["report"], result["findings"], result["wall_s"]
         else:
-            pretrained = str((read_params(repo / "params.yaml").get("model") or {}).get("pretrained", "imagenet"))
+            pretrained = study.workspace_pretrained(repo / "params.yaml")
             summary = study.run(grid, repo, grid_name=args.grid or params.grid, prefix=params.name,
                                 pretrained=pretrained, jobs=args.jobs, resume=args.resume,
                                 echo=None if args.quiet else print)

@@ -205,6 +205,13 @@ def plan(grid: StudyGrid, prefix: str = "study", pretrained: str = "imagenet") -
     return runs
 
 
+def workspace_pretrained(params_file: Path) -> str:
+    """The workspace's ``model.pretrained`` (``imagenet`` where unset): what :func:`plan` gives pretrained runs."""
+    from pipeline.params import read_params
+
+    return str((read_params(Path(params_file)).get("model") or {}).get("pretrained", "imagenet"))
+
+
 def hydra_value(value: Any) -> str:
     """``value`` in the Hydra override grammar ``dvc exp run -S`` parses (strings quoted where needed)."""
     if isinstance(value, bool):
@@ -228,11 +235,6 @@ def hydra_value(value: Any) -> str:
 
 def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=check, timeout=120)
-
-
-def _dvc(repo: Path, *args: str, echo: Callable[[str], None] | None = None, jobs: int = 1) -> tuple[int, list[str]]:
-    """Run ``dvc`` in ``repo``, each output line to ``echo``; the exit code and the last 40 lines."""
-    return run_dvc(repo, *args, on_line=echo, jobs=jobs)
 
 
 def baseline(repo: Path) -> str:
@@ -272,7 +274,7 @@ def preflight(repo: Path) -> str:
             "would be lost (and `dvc exp show` would show none). Un-ignore DVC's cache: false outputs in "
             ".gitignore, e.g. `!/models/train_metrics.json`, `!/models/live/`, `!/reports/metrics.json`, "
             "`!/reports/plots/`")
-    code, lines = _dvc(repo, "queue", "status")
+    code, lines = run_dvc(repo, "queue", "status")
     busy = [line for line in lines if re.search(r"\b(Queued|Running)\s*$", line)]
     if code == 0 and busy:
         raise StudyError(f"the DVC queue already holds {len(busy)} experiment(s) ({'; '.join(busy[:3])}); run or "
@@ -300,7 +302,7 @@ def prepare(repo: Path, echo: Callable[[str], None] | None = None) -> None:
     date instead of redoing them (files git ignores are left alone; those stages rerun per run).
     """
     log.info("study: bringing the shared stages up to date (dvc repro %s)", PREPARE_TARGET)
-    code, tail = _dvc(repo, "repro", PREPARE_TARGET, echo=echo)
+    code, tail = run_dvc(repo, "repro", PREPARE_TARGET, on_line=echo)
     if code != 0:
         raise StudyError(f"dvc repro {PREPARE_TARGET} failed (exit {code}):\n" + "\n".join(tail[-15:]))
     files = [f for f in _shared_state_files(repo) if (repo / f).exists()
@@ -322,7 +324,7 @@ def queue(repo: Path, runs: Sequence[Run], base: str, *, resume: bool = False) -
     stale = [r.name for r in todo if r.name in existing]
     if stale:
         log.info("study: replacing %d earlier experiment(s) of the same name", len(stale))
-        code, tail = _dvc(repo, "exp", "remove", *stale)
+        code, tail = run_dvc(repo, "exp", "remove", *stale)
         if code != 0:
             raise StudyError("dvc exp remove failed:\n" + "\n".join(tail[-10:]))
     if len(todo) < len(runs):
@@ -334,7 +336,7 @@ def queue(repo: Path, runs: Sequence[Run], base: str, *, resume: bool = False) -
         args = ["exp", "run", "--queue", "--name", run.name, *(["--no-run-cache"] if run.needs_no_run_cache else [])]
         for value in run.set_params():
             args += ["-S", value]
-        code, tail = _dvc(repo, *args)
+        code, tail = run_dvc(repo, *args)
         if code != 0:
             raise StudyError(f"dvc exp run --queue {run.name} failed:\n" + "\n".join(tail[-10:]))
     log.info("study: queued %d experiment(s)", len(todo))
@@ -346,7 +348,7 @@ def run_queue(repo: Path, runs: Sequence[Run], jobs: int = 1, echo: Callable[[st
     if not runs:
         return
     log.info("study: running %d experiment(s), %d at a time", len(runs), jobs)
-    code, tail = _dvc(repo, "exp", "run", "--run-all", "-j", str(jobs), echo=echo, jobs=jobs)
+    code, tail = run_dvc(repo, "exp", "run", "--run-all", "-j", str(jobs), on_line=echo, jobs=jobs)
     failed = [line for line in tail if "Failed to reproduce experiment" in line]
     if code != 0 or failed:
         detail = "; ".join(failed) or (tail[-1] if tail else "no output")
