@@ -566,6 +566,12 @@ def _within_phrase(within: list[float], fractions: list[float]) -> str:
     return "at " + _join([_pct(f) for f in within])
 
 
+#: what to check before a pretrained strategy's loss is read as a property of the data
+RECIPE_CHECKS = ("Check train.batchnorm (frozen keeps the pretrained statistics; batch mode with MONAI's momentum "
+                 "0.01 evaluates on statistics training never used), train.backbone_lr_mult and the warm-up, and "
+                 "the optimiser steps each run got (train.min_steps); then repeat with more seeds.")
+
+
 def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_level: float = 0.95) -> list[str]:
     """Plain-words findings computed from the :func:`compare` table, one string per sentence.
 
@@ -576,8 +582,9 @@ def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_leve
     - Per fraction (when scratch ran): each pretrained strategy against scratch.
     - Per pretrained strategy other than fine-tuning (when fine-tuning ran): the fractions where it
       is within CI of fine-tuning ("at ≤ 25%" when they are the smallest ones), and where either is better.
-    - Negative transfer = a pretrained strategy *below* scratch; listed where it happened, else
-      "No negative transfer observed".
+    - A pretrained strategy *below* scratch is listed with what to check before calling it negative
+      transfer (:data:`RECIPE_CHECKS`), else "No negative transfer observed"; fine-tuning below another
+      pretrained strategy gets the same checks.
     - The highest test AUC per fraction (point estimates, with CIs).
     - Chance: the cells whose test-AUC CI lies above 0.5 (and below it, if any); none above says
       the study cannot rank strategies on this test set.
@@ -613,7 +620,7 @@ def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_leve
                 if verdict == "better":
                     parts.append(f"{LABELS[s]} beats scratch by {d:+.2f} AUC ({_ci(lo, hi, level)})")
                 elif verdict == "worse":
-                    parts.append(f"{LABELS[s]} is below scratch by {d:+.2f} AUC ({_ci(lo, hi, level)}): negative transfer")
+                    parts.append(f"{LABELS[s]} is below scratch by {d:+.2f} AUC ({_ci(lo, hi, level)})")
                     negative.append(f"{LABELS[s]} at {_pct(f)} ({d:+.2f} AUC vs scratch, {_ci(lo, hi, level)})")
                 else:
                     parts.append(f"{LABELS[s]} is within CI of scratch ({_diff(d, lo, hi, level)})")
@@ -637,10 +644,16 @@ def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_leve
                                for f in cases]
                     text += f"; {winner} is better at " + _join(details)
             sentences.append(text + ".")
+            losing = [f for f in compared if _verdict(rows[f].vs_finetune_lo, rows[f].vs_finetune_hi) == "better"]
+            if losing:
+                sentences.append(f"Fine-tuning losing to {LABELS[s]} at {_join([_pct(f) for f in losing])} is more "
+                                 f"likely its recipe than the data: it starts from the same features with more "
+                                 f"freedom. {RECIPE_CHECKS}")
 
     if "scratch" in strategies and pretrained:
         if negative:
-            sentences.append("Negative transfer observed: " + "; ".join(negative) + ".")
+            sentences.append("Pretrained below scratch: " + "; ".join(negative) + ". Before reading this as negative "
+                             f"transfer, rule out an artefact: {RECIPE_CHECKS}")
         else:
             sentences.append(f"No negative transfer observed: no pretrained strategy's test AUC is below scratch's "
                              f"with a {level:.0%} CI excluding 0, at any fraction.")

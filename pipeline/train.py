@@ -17,6 +17,12 @@ statistics included; only the new head learns), ``finetune`` (everything learns,
 ``backbone_lr_mult`` × the head's learning rate, after a warm-up) and ``gradual`` (the head first,
 then backbone stages unfrozen from the top, one more every ``gradual_every`` epochs). Training from
 scratch is ``model.pretrained: none`` with ``finetune`` (the backbone then learns at the head's rate).
+A pretrained backbone keeps its ImageNet BatchNorm statistics while it trains (``train.batchnorm:
+frozen``, the default): MONAI's EfficientNet keeps TensorFlow's BatchNorm momentum 0.01, so in plain
+train mode the layers normalise with batch statistics while the running statistics used at evaluation
+barely move, and the head learns on features it never sees again (measured in docs/design.md). A
+network from scratch recomputes its statistics after every epoch instead. ``train.min_steps`` raises the
+epoch count of a small training set so that every run gets at least that many optimiser steps.
 ``train.fraction`` < 1 trains on a nested, class-stratified subset of the training patients (the
 transfer-learning study's learning curves); validation and test stay whole.
 
@@ -51,6 +57,19 @@ from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("feature_extraction", "finetune", "gradual")
+#: BatchNorm statistics of a pretrained backbone while it trains (a network from scratch always recalibrates):
+#: ``frozen`` keeps the ImageNet running statistics (the layers normalise in eval mode; their affine weights
+#: still learn), ``recalibrate`` trains in batch-statistics mode and recomputes the running statistics on the
+#: training images after each epoch, ``batch`` is PyTorch's plain train mode with the network's own momentum
+#: (MONAI's EfficientNet keeps TensorFlow's 0.01, so the statistics evaluation uses barely move: what the head
+#: learns on is not what it sees at evaluation).
+BATCHNORM_MODES = ("frozen", "recalibrate", "batch")
+BATCHNORM_WHY = {
+    "frozen": "pretrained BatchNorm running statistics kept (layers in eval mode while training; affine weights "
+              "learn): training and evaluation normalise alike",
+    "recalibrate": "running statistics recomputed on the training images after every epoch",
+    "batch": "batch statistics while training, running statistics updated with the network's momentum",
+}
 CHECKPOINT_FORMAT = "medtl-train-checkpoint/1"
 INTENDED_USE = (
     "Research and retraining pipeline output: a model to be evaluated against the site's held-out test split "
@@ -102,6 +121,8 @@ class TrainParams:
     augment: dict = field(default_factory=lambda: {"default": {}})
     fraction: float = 1.0
     fraction_seed: int = 0
+    batchnorm: str = "frozen"
+    min_steps: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -116,6 +137,10 @@ class TrainParams:
             raise ValueError(f"train.class_balance: {self.class_balance!r} is not weights, sampler or none")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"train.amp: {self.amp!r} is not auto, bf16, fp16 or off")
+        if self.batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"train.batchnorm: {self.batchnorm!r} is not one of {', '.join(BATCHNORM_MODES)}")
+        if self.min_steps < 0:
+            raise ValueError(f"train.min_steps: {self.min_steps} is negative")
 
     def augment_for(self, modality: str) -> AugmentParams:
         """The augmentation of ``modality``: its own entry over ``default`` over the dataclass defaults."""
@@ -140,6 +165,8 @@ class TrainSummary:
     ddp_weights_agree: bool | None
     train_patients: int = 0
     train_fraction: float = 1.0
+    epochs_planned: int = 0
+    batchnorm: str = ""
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -344,6 +371,38 @@ def set_trainable(model: models.Classifier, stages: list[nn.Module], n_trainable
             p.requires_grad_(not frozen)
         if frozen:
             stage.eval()
+
+
+def batchnorm_mode(params: TrainParams, model_params: models.ModelParams) -> str:
+    """How BatchNorm statistics behave while training (:data:`BATCHNORM_MODES`).
+
+    A network trained from scratch has no statistics worth keeping: it always recalibrates. A pretrained
+    backbone follows ``train.batchnorm``.
+    """
+    return "recalibrate" if model_params.pretrained == "none" else params.batchnorm
+
+
+def freeze_batchnorm_statistics(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: it normalises with (and keeps) its running statistics.
+
+    Call after ``model.train()``. The layers' affine weights still learn where they require gradients; only
+    the statistics stop following the batches, so training and evaluation see the same normalisation.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def planned_epochs(params: TrainParams, steps_per_epoch: int) -> int:
+    """``train.epochs``, raised where needed so the run takes at least ``train.min_steps`` optimiser steps.
+
+    A small training subset has few batches per epoch: without a floor, 10 % of the data trains for a
+    tenth of the steps, and a comparison of strategies across data fractions measures the step count.
+    Early stopping (``train.patience``) still ends a run that stopped improving.
+    """
+    if params.min_steps <= 0:
+        return params.epochs
+    return max(params.epochs, math.ceil(params.min_steps / max(1, steps_per_epoch)))
 
 
 def backbone_lr_mult(params: TrainParams, model_params: models.ModelParams) -> float:
@@ -560,11 +619,13 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
     workers = params.workers if params.workers >= 0 else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
     loader_args = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     val_loader = DataLoader(val_ds, batch_size=params.batch_size * 2, shuffle=False, **loader_args)
-    # scratch only: BatchNorm statistics recomputed on the training images after each epoch (see below)
+    bn_mode = batchnorm_mode(params, model_params)
+    # recalibrate: BatchNorm statistics recomputed on the training images after each epoch (see below)
     calibration_loader = (DataLoader(make_dataset(data, "train", None), batch_size=params.batch_size, shuffle=False,
-                                     **loader_args) if scratch else None)
+                                     **loader_args) if bn_mode == "recalibrate" else None)
     steps_per_epoch = math.ceil(len(train_ds) / (params.batch_size * dist.world_size))
-    total_steps = steps_per_epoch * params.epochs
+    epochs = planned_epochs(params, steps_per_epoch)
+    total_steps = steps_per_epoch * epochs
     warmup_steps = int(round(params.warmup_epochs * steps_per_epoch)) if params.strategy != "feature_extraction" else 0
 
     checkpoint_path = checkpoint_dir / "last.pt"
@@ -587,12 +648,17 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
     forward = torch.compile(model) if params.compile else model
     ddp_model, ddp_trainable = None, None
     epoch = start_epoch
-    while epoch < params.epochs and not stopped_early:
+    if dist.main and epochs > params.epochs:
+        log.info("train.min_steps %d: %d epochs of %d steps instead of %d", params.min_steps, epochs,
+                 steps_per_epoch, params.epochs)
+    while epoch < epochs and not stopped_early:
         _seed_everything(params.seed, epoch, dist.rank)
         train_ds.epoch = epoch
         n_trainable = trainable_stages(params, epoch, len(stages))
         model.train()
         set_trainable(model, stages, n_trainable)
+        if bn_mode == "frozen":
+            freeze_batchnorm_statistics(model)
         if dist.world_size > 1 and ddp_trainable != n_trainable:
             # DDP registers the parameters that need gradients when it is built: rebuild on unfreezing.
             ddp_model = nn.parallel.DistributedDataParallel(
@@ -602,7 +668,7 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
         loader = DataLoader(train_ds, batch_size=params.batch_size, drop_last=False,
                             **_train_sampling(params, data, epoch, dist), **loader_args)
         epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{params.epochs}", disable=not (progress and dist.main),
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not (progress and dist.main),
                    leave=False, unit="batch", mininterval=0.1 if sys.stderr.isatty() else 30)
         for batch in bar:
             x = batch["image"].to(device, non_blocking=True)
@@ -647,10 +713,10 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
         else:
             bad_epochs += 1
         epoch += 1
-        stopped_early = params.patience > 0 and bad_epochs >= params.patience and epoch < params.epochs
+        stopped_early = params.patience > 0 and bad_epochs >= params.patience and epoch < epochs
         if dist.main:
             log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %.4f, %.1f images/s%s", epoch,
-                     params.epochs, record["train_loss"], val_loss, val_auc, record["train_images_per_s"],
+                     epochs, record["train_loss"], val_loss, val_auc, record["train_images_per_s"],
                      " (best)" if best["epoch"] == epoch else "")
             _log_live(live, record)
             _save_checkpoint(checkpoint_path, {
@@ -670,7 +736,8 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
     rate = float(np.median([h["train_images_per_s"] for h in history])) if history else float("nan")
     summary = TrainSummary(len(history), best["epoch"], _best_auc(history, best["epoch"]), stopped_early, resumed_from,
                            len(data.rows["train"]), len(data.rows["val"]), rate, wall,
-                           _device_name(device), dist.world_size, agree, data.patients["train"], params.fraction)
+                           _device_name(device), dist.world_size, agree, data.patients["train"], params.fraction,
+                           epochs, bn_mode)
     if dist.main:
         _write_outputs(out_dir, model, params, model_params, weights, data, images_dir, versions, history,
                        summary, dtype)
@@ -785,7 +852,9 @@ def _write_outputs(out_dir: Path, model: models.Classifier, params: TrainParams,
         "training": {"epochs_run": summary.epochs_run, "stopped_early": summary.stopped_early,
                      "device": summary.device, "world_size": summary.world_size,
                      "amp": str(dtype).removeprefix("torch.") if dtype else "off",
-                     "images_per_s": summary.images_per_s, "wall_s": round(summary.wall_s, 1)},
+                     "images_per_s": summary.images_per_s, "wall_s": round(summary.wall_s, 1),
+                     "epochs_planned": summary.epochs_planned, "min_steps": params.min_steps,
+                     "batchnorm": {"mode": summary.batchnorm, "why": BATCHNORM_WHY.get(summary.batchnorm, "")}},
         "code_version": code_version(),
         "intended_use": INTENDED_USE,
         "limitations": ["Trained and validated on one site's data; performance elsewhere is unknown until evaluated.",

@@ -183,3 +183,58 @@ def test_a_fraction_trains_on_fewer_patients_and_records_them_and_the_elapsed_ti
     assert list(elapsed["step"]) == [0, 1] and 0 < elapsed["elapsed_s"].iloc[0] < elapsed["elapsed_s"].iloc[1]
     with pytest.raises(ValueError, match=r"train.fraction: 0 is not in \(0, 1\]"):
         replace(TINY, fraction=0)
+
+
+def _no_stochastic_layers(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if hasattr(module, "drop_connect_rate"):
+            module.drop_connect_rate = 0.0
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+@pytest.mark.parametrize("mode, same", [("frozen", True), ("batch", False)])
+def test_what_the_head_learns_on_is_what_evaluation_sees_only_with_frozen_batchnorm(images, mode, same):
+    """The cause of issue 13's handicapped fine-tune: in batch mode the pretrained backbone normalises
+    with batch statistics while training, and with its (barely moving) running statistics at evaluation."""
+    model, _ = models.build_model(models.ModelParams(dropout=0.0), num_classes=2)
+    _no_stochastic_layers(model)
+    x = torch.from_numpy(np.load(images[0] / "tensors.npy")[:16].astype(np.float32))
+    with torch.no_grad():
+        evaluated = model.eval()(x)
+        params = replace(TINY, batchnorm=mode)
+        model.train()
+        train.set_trainable(model, models.backbone_stages(model, "efficientnet-lite0"),
+                            train.trainable_stages(params, 0, 9))
+        if train.batchnorm_mode(params, models.ModelParams()) == "frozen":
+            train.freeze_batchnorm_statistics(model)
+        trained_on = model(x)
+    gap = float((trained_on - evaluated).abs().max())
+    assert (gap == 0.0) if same else (gap > 1e-2), gap
+
+
+def test_a_backbone_with_learning_rate_zero_stays_the_pretrained_one_only_with_frozen_batchnorm(images, tmp_path):
+    """Backbone lr 0: with frozen BatchNorm nothing of it moves (the model evaluates on the features its
+    head learned on); in batch mode its running statistics drift although no weight learns."""
+    common = {"strategy": "finetune", "backbone_lr_mult": 0.0, "warmup_epochs": 0, "lr": 0.01}
+    frozen = _run(images, tmp_path / "frozen", replace(TINY, **common))
+    drift = _run(images, tmp_path / "batch", replace(TINY, batchnorm="batch", **common))
+    pretrained = models.build_model(models.ModelParams(), num_classes=2)[0].state_dict()
+    a, c = (_state(tmp_path / d / "model.pt") for d in ("frozen", "batch"))
+    assert frozen.batchnorm == "frozen" and drift.batchnorm == "batch"
+    backbone = [k for k in pretrained if not k.startswith("net._fc.")]
+    assert [k for k in backbone if not torch.equal(pretrained[k], a[k])] == []
+    stats = [k for k in backbone if k.endswith("running_mean")]
+    assert sum(not torch.equal(pretrained[k], c[k]) for k in stats) > len(stats) // 2, \
+        "batch mode moves the running statistics"
+    card = json.loads((tmp_path / "frozen/model_card.json").read_text())
+    assert card["training"]["batchnorm"]["mode"] == "frozen" and "eval mode" in card["training"]["batchnorm"]["why"]
+
+
+def test_min_steps_raises_the_epochs_of_a_small_training_set():
+    params = replace(TINY, epochs=4, min_steps=100)
+    assert train.planned_epochs(params, steps_per_epoch=5) == 20
+    assert train.planned_epochs(params, steps_per_epoch=50) == 4
+    assert train.planned_epochs(replace(params, min_steps=0), steps_per_epoch=5) == 4
+    with pytest.raises(ValueError, match="train.batchnorm"):
+        replace(TINY, batchnorm="sometimes")
