@@ -5,6 +5,7 @@
     DIR/DICOM/<SITE>/<PATIENT>/<STUDY>/<SERIES>/IMnnnnn   DICOM files without extension, e.g.
                                                          DICOM/SITE_B/PAT00042/ST001/SE002/IM00007
     DIR/labels.csv                                       study_instance_uid,label (lesion / normal)
+    DIR/lesions.csv                                      where each lesion is, per image instance (below)
     DIR/medtl_synth.json                                 marker: {"synthetic": true, "seed", "patients", ...}
 
 Folder names are opaque: they hold no PHI and nothing that gives away a label. The label of a study
@@ -19,11 +20,41 @@ and/or a soft-tissue-kernel reconstruction of the same volume). A study is label
 (~40 %) or ``normal``; a lesion study shows one lung nodule in every image series of the study,
 with per-study radius, contrast, noise and blur, so some lesions are faint or small.
 
+**Image content.** The anatomy is drawn to be plausible at a glance, and the task to be honest:
+difficulty comes from realistic variation only (small or faint nodules, overlap with ribs,
+vessels and the heart, site noise and resolution), never from label noise, and nothing but the
+nodule differs between the classes (site, vendor, modality, file names and every header field are
+drawn without looking at the label). Both modalities share a branching pulmonary vessel tree
+(:func:`_vessel_tree`: forks from each hilum, thinner per generation, rendered with its true volume
+so thin vessels show with partial-volume contrast). CT: an anti-aliased body outline flattened at
+the back, soft tissue with fine grain, lungs with a gravity gradient and a fine correlated
+parenchymal texture, heart, aorta, spine, sternum and oblique ribs. Radiographs (PA and lateral):
+projected tissue and lung thickness, posterior and anterior ribs, clavicles, spine, arms, the
+projected vessel tree and a correlated interstitial texture, vendor-like unsharp masking, blur and
+quantum noise. Nodules: CT radius 4-16 mm (mostly >= 5.5 mm, i.e. >= 3 px when the field of view is
+shown at 224 px), solid (-40..+60 HU) or, one in five, part-solid / ground glass (-550..-250 HU);
+radiographs radius 5-16 mm (mostly >= 6 mm) with a density of 0.35-1 times soft tissue, anywhere in
+the lung fields (over ribs and vessels too).
+
 **Where the CT lesion is.** The CT lesion is a roughly spherical soft-tissue nodule (-100..+60 HU,
 radius 4-15 mm) inside a lung. Its centre lies within ±0.1·r of the midpoint of the series' slice
 range by position (r = nodule radius), which is well inside the central 20 % of the slice range,
 so the middle slice by position (for an even slice count, both middle slices) cuts through the
 nodule and a maximum-intensity projection over the slab shows it.
+
+**Lesion ground truth** (``DIR/lesions.csv``; written atomically, deterministic, rewritten to
+cover all patients by every run and by :func:`add`): columns
+``study_instance_uid,series_instance_uid,sop_instance_uid,row,col,radius_px,radius_mm``, one row per
+written image instance (CT slice, PA or lateral radiograph) in which the nodule is visible, with
+the UIDs of that file; ``row``/``col`` are the nodule centre in the stored pixel grid (0-based,
+row along Rows, col along Columns, 3 decimals), ``radius_px`` its in-plane radius in pixels (CT: the
+sphere's cross-section at the slice's centre plane, so slices more than a radius away are not
+listed; radiographs: the projected radius, before lobulation) and ``radius_mm`` = ``radius_px``
+times the file's PixelSpacing (square pixels; for DX at the patient plane, i.e. ImagerPixelSpacing
+divided by the magnification). Only distinct SOP instances are listed: a slice left out by the
+``missing_slice`` defect has no row, and ``duplicate`` / ``truncated`` copies (which repeat the SOP
+Instance UID of a listed file) are not listed again; dose SRs, dose screens and junk never are. No
+training or evaluation code reads this file; it exists so that localisation can be measured.
 
 **Fake PHI.** Headers carry realistic, deterministic fake PHI: names, MRN, birth date, address,
 phone, other names, accession number, dates and times, institution, physicians, operators,
@@ -94,8 +125,10 @@ _OPENJPEG_LOG = logging.getLogger("openjpeg")
 
 MARKER_NAME = "medtl_synth.json"
 LABELS_NAME = "labels.csv"
+LESIONS_NAME = "lesions.csv"
+LESIONS_HEADER = "study_instance_uid,series_instance_uid,sop_instance_uid,row,col,radius_px,radius_mm"
 DICOM_DIR = "DICOM"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 LESION, NORMAL = "lesion", "normal"
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -619,21 +652,23 @@ def _in_ct_lung(g: CTGeometry, x, y, z, margin=0.0):
 
 
 def _plan_ct_lesion(r: np.random.Generator, g: CTGeometry) -> Lesion:
-    radius = 4.0 + 11.0 * r.beta(1.3, 2.2)
+    # radius 4-16 mm, mostly >= 5.5 mm (>= 3 px once a 350-400 mm field of view is shown at 224 px);
+    # most nodules are solid (-40..+60 HU), one in five is part-solid / ground glass (-550..-250 HU)
+    radius = 4.0 + 12.0 * r.beta(1.6, 2.6)
+    strength = float(r.uniform(-550, -250)) if r.random() < 0.2 else float(r.uniform(-40, 60))
     z_fraction = r.uniform(-0.1, 0.1)  # centre within ±0.1 r of the slab midpoint (module docstring)
     x, y = g.lungs[0][0], g.lungs[0][1]
     for attempt in range(400):
         rad = max(4.0, radius * (1.0 - attempt / 500))  # smaller nodules if a big one keeps failing to fit
         cx, cy, ax, ay = g.lungs[int(r.integers(2))]
-        cand_x, cand_y = cx + r.uniform(-0.85, 0.85) * ax, cy + r.uniform(-0.85, 0.85) * ay
+        cand_x, cand_y = cx + r.uniform(-0.9, 0.9) * ax, cy + r.uniform(-0.9, 0.9) * ay
         # the whole nodule inside the lung at its centre and one radius above and below
         z = z_fraction * rad
-        if all(bool(_in_ct_lung(g, cand_x, cand_y, z + dz, margin=rad + 3.0)) for dz in (-rad, 0.0, rad)):
+        if all(bool(_in_ct_lung(g, cand_x, cand_y, z + dz, margin=rad + 1.0)) for dz in (-rad, 0.0, rad)):
             x, y, radius = cand_x, cand_y, rad
             break
-    return Lesion(x=float(x), y=float(y), z=float(z_fraction * radius), radius=float(radius),
-                  strength=float(r.uniform(-100, 60)),
-                  lobulation=float(r.uniform(0, 0.15)), phase=float(r.uniform(0, 2 * np.pi)))
+    return Lesion(x=float(x), y=float(y), z=float(z_fraction * radius), radius=float(radius), strength=strength,
+                  lobulation=float(r.uniform(0, 0.18)), phase=float(r.uniform(0, 2 * np.pi)))
 
 
 def _plan_proj_geometry(r: np.random.Generator, site: Site, sex: str) -> ProjGeometry:
@@ -652,24 +687,30 @@ def _plan_proj_geometry(r: np.random.Generator, site: Site, sex: str) -> ProjGeo
     )
 
 
-def _inside_lung_proj(g: ProjGeometry, x: float, y: float, margin: float) -> bool:
-    """Whether a disc of radius ``margin`` at (x, y) lies inside a lung field of the PA view, clear of the heart."""
+def _proj_lung_field(g: ProjGeometry, x, y, margin: float = 0.0):
+    """Whether points (x, y) (mm, arrays broadcast) lie inside a lung field of the PA view, clear of the
+    heart, with ``margin`` mm to spare."""
     lx, ly, lw, lh = g.lung
     hx, hy, hax, hay = g.heart
-    if ((x - hx) / (hax + margin)) ** 2 + ((y - hy) / (hay + margin)) ** 2 <= 1:
-        return False
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    inside = np.zeros(np.broadcast_shapes(x.shape, y.shape), dtype=bool)
     for side in (-1, 1):
         dome = g.dome_offset if side < 0 else 0.0
         u = (x - side * lx) / max(lw - margin, 1.0)
         v = (y - ly) / max(lh - margin, 1.0)
-        u_eff = u * (1 + 0.45 * min(max(-v, 0.0), 1.0) ** 2)
-        if u_eff * u_eff + v * v < 0.9 and v < 0.70 + 0.30 * u * u - dome / lh - 0.1:
-            return True
-    return False
+        u_eff = u * (1 + 0.45 * np.clip(-v, 0.0, 1.0) ** 2)
+        inside |= (u_eff * u_eff + v * v < 0.9) & (v < 0.70 + 0.30 * u * u - dome / lh - 0.1)
+    return inside & (((x - hx) / (hax + margin)) ** 2 + ((y - hy) / (hay + margin)) ** 2 > 1)
+
+
+def _inside_lung_proj(g: ProjGeometry, x: float, y: float, margin: float) -> bool:
+    """Whether a disc of radius ``margin`` at (x, y) lies inside a lung field of the PA view, clear of the heart."""
+    return bool(_proj_lung_field(g, x, y, margin))
 
 
 def _plan_proj_lesion(r: np.random.Generator, g: ProjGeometry) -> Lesion:
-    radius = 4.0 + 12.0 * r.beta(1.4, 2.2)
+    # radius 5-16 mm, mostly >= 6 mm (>= 3 px once a ~430 mm detector is shown at 224 px)
+    radius = 5.0 + 11.0 * r.beta(1.5, 2.4)
     lx, ly, lw, lh = g.lung
     x, y = -lx, ly
     for _ in range(500):
@@ -679,7 +720,7 @@ def _plan_proj_lesion(r: np.random.Generator, g: ProjGeometry) -> Lesion:
             x, y = cand_x, cand_y
             break
     return Lesion(x=float(x), y=float(y), z=float(r.uniform(-0.35, 0.30) * g.depth / 2), radius=float(radius),
-                  strength=float(r.uniform(0.45, 1.1)), lobulation=float(r.uniform(0, 0.15)),
+                  strength=float(r.uniform(0.35, 1.0)), lobulation=float(r.uniform(0, 0.15)),
                   phase=float(r.uniform(0, 2 * np.pi)))
 
 
@@ -911,6 +952,79 @@ def _smooth_noise(r: np.random.Generator, shape, sigma) -> np.ndarray:
     return _gaussian(r.standard_normal(shape, dtype=_F32), sigma) / _F32(_noise_gain(sigma, shape))
 
 
+def _vessel_tree(r: np.random.Generator, roots, inside, step: float, generations: int = 6) -> np.ndarray:
+    """Sample points of a branching vessel tree, shape (points, 5): x, y, z, radius (mm) and the
+    length (mm) each point stands for. ``roots``: (hilum position (3,), direction (3,), radius mm);
+    each segment forks in two thinner, slightly diverging children and bends a little; ``inside(points)``
+    (points (k, 3) -> bool (k,)) keeps the tree in the lung: a branch ends where it leaves it."""
+    pos = np.array([p for p, _, _ in roots], dtype=float)
+    dirs = np.array([d for _, d, _ in roots], dtype=float)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    rad = np.array([q for _, _, q in roots], dtype=float)
+    hila = pos.copy()
+    chunks = []
+    for gen in range(generations):
+        if not len(pos):
+            break
+        length = rad * r.uniform(5.0, 9.0, size=rad.shape)
+        n_steps = np.maximum(2, np.ceil(length / step).astype(int))
+        most = int(n_steps.max())
+        t = (np.arange(most) + 0.5)[None, :] / n_steps[:, None]  # (branch, step)
+        bend = r.standard_normal(dirs.shape) * 0.25
+        pts = pos[:, None, :] + length[:, None, None] * (t[..., None] * dirs[:, None, :]
+                                                         + 0.5 * t[..., None] ** 2 * bend[:, None, :])
+        valid = t < 1.0
+        keep = valid & inside(pts.reshape(-1, 3)).reshape(valid.shape)
+        # a branch stops at the first point outside the lung
+        keep &= np.cumprod(keep | ~valid, axis=1).astype(bool)
+        taper = rad[:, None] * (1.0 - 0.15 * t)
+        seg = np.concatenate([pts, taper[..., None], np.broadcast_to((length / n_steps)[:, None, None],
+                                                                         taper.shape + (1,))], axis=-1)
+        chunks.append(seg[keep])
+        alive = keep[np.arange(len(pos)), n_steps - 1]  # reached its end inside the lung
+        end = pos + length[:, None] * (dirs + 0.5 * bend)
+        mid_dir = dirs + bend
+        mid_dir /= np.linalg.norm(mid_dir, axis=1, keepdims=True)
+        pos, mid_dir, rad, hila = end[alive], mid_dir[alive], rad[alive], hila[alive]
+        if not len(pos):
+            break
+        # two children: rotate about a random axis perpendicular to the parent, away from the hilum
+        outward = pos - hila
+        outward /= np.maximum(np.linalg.norm(outward, axis=1, keepdims=True), 1e-6)
+        perp = np.cross(mid_dir, r.standard_normal(mid_dir.shape))
+        perp /= np.maximum(np.linalg.norm(perp, axis=1, keepdims=True), 1e-6)
+        angle = r.uniform(0.35, 0.7, size=(len(pos), 1))
+        kids = [mid_dir * np.cos(angle) + sign * perp * np.sin(angle) + 0.25 * outward for sign in (1.0, -1.0)]
+        dirs = np.concatenate(kids)
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        share = r.uniform(0.62, 0.82, size=len(pos))  # uneven fork; Murray's law: r^3 = r1^3 + r2^3
+        rad = np.concatenate([rad * share, rad * np.cbrt(1.0 - share ** 3)])
+        pos, hila = np.concatenate([pos, pos]), np.concatenate([hila, hila])
+        live = rad > 0.4
+        pos, dirs, rad, hila = pos[live], dirs[live], rad[live], hila[live]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 5))
+
+
+def _splat(shape, coords: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Linear splatting: add ``weights`` at fractional grid ``coords`` (points, ndim) into an array of
+    ``shape`` (float32); points outside the grid are dropped."""
+    ndim = len(shape)
+    base = np.floor(coords).astype(np.int64)
+    frac = coords - base
+    out = np.zeros(int(np.prod(shape)), dtype=float)
+    for corner in range(1 << ndim):
+        idx = base.copy()
+        w = weights.astype(float).copy()
+        for ax in range(ndim):
+            bit = (corner >> ax) & 1
+            idx[:, ax] += bit
+            w *= frac[:, ax] if bit else 1.0 - frac[:, ax]
+        ok = np.all((idx >= 0) & (idx < np.asarray(shape)), axis=1)
+        flat = np.ravel_multi_index(tuple(idx[ok].T), shape)
+        out += np.bincount(flat, weights=w[ok], minlength=out.size)
+    return out.reshape(shape).astype(_F32)
+
+
 def _ct_grid(g: CTGeometry, site: Site):
     m, ps, dz = site.ct_matrix, site.ct_fov / site.ct_matrix, site.ct_spacing
     x = ((np.arange(m, dtype=_F32) - (m - 1) / 2) * ps)[None, None, :]
@@ -919,21 +1033,36 @@ def _ct_grid(g: CTGeometry, site: Site):
     return x, y, z
 
 
-def _ct_masks(st: StudyPlan, site: Site) -> dict[str, np.ndarray]:
-    """Body and lung masks of a CT study's slab, shape (slices, rows, cols), slices in ascending
-    position order: where the renderer put air, lungs and body (for checks and tests)."""
-    g = st.ct
-    assert g is not None
-    x, y, z = _ct_grid(g, site)
-    a, b, yc, _ = g.body
-    scale = 1.0 + 0.035 * np.sin(z / 70.0 + g.body_phase)
-    rho = np.sqrt((x / (a * scale)) ** 2 + ((y - yc) / (b * scale)) ** 2)
-    shape = (g.n_slices, site.ct_matrix, site.ct_matrix)
-    return {"body": np.broadcast_to(rho < 1.0, shape), "lungs": np.broadcast_to(_in_ct_lung(g, x, y, z), shape)}
+def _ct_vessel_fraction(g: CTGeometry, site: Site, r: np.random.Generator, lung: np.ndarray) -> np.ndarray:
+    """Volume fraction (0-1) of pulmonary vessels in each voxel of the slab, shape (slices, rows, cols):
+    a branching tree from each hilum (:func:`_vessel_tree`), splatted with its true volume (pi r^2 per
+    mm), so vessels thinner than a voxel show with partial-volume contrast and vessels crossing the
+    slice show as dots."""
+    n, m, ps, dz = g.n_slices, site.ct_matrix, site.ct_fov / site.ct_matrix, site.ct_spacing
+    roots = []
+    for cx, cy, ax, ay in g.lungs:
+        side = np.sign(cx)
+        hilum = np.array([cx - side * 0.55 * ax, cy + r.uniform(-0.1, 0.15) * ay, r.uniform(-20, 20)])
+        for k in range(12):  # lobar and segmental trunks, spread over the directions away from the mediastinum
+            direction = r.standard_normal(3)
+            direction[0] = side * (abs(direction[0]) + 0.3)
+            roots.append((hilum, direction, r.uniform(3.0, 5.0)))
+
+    def inside(p: np.ndarray) -> np.ndarray:
+        return _in_ct_lung(g, p[:, 0], p[:, 1], p[:, 2], margin=-2.0) | (np.abs(p[:, 0]) < g.mediastinum[1] + 30.0)
+
+    tree = _vessel_tree(r, roots, inside, step=min(ps, dz) / 2, generations=7)
+    coords = np.column_stack([tree[:, 2] / dz + (n - 1) / 2, tree[:, 1] / ps + (m - 1) / 2,
+                              tree[:, 0] / ps + (m - 1) / 2])
+    volume = np.pi * tree[:, 3] ** 2 * tree[:, 4] / (ps * ps * dz)
+    frac = _gaussian(_splat((n, m, m), coords, volume), (0.0, 0.45, 0.45))
+    return np.clip(frac, 0.0, 1.0) * lung
 
 
 def _ct_hu_volume(st: StudyPlan, site: Site, r: np.random.Generator) -> np.ndarray:
-    """Noise-free HU volume of a CT study, slices in ascending position order (float32)."""
+    """Noise-free HU volume of a CT study, slices in ascending position order, shape (slices, rows,
+    cols), float32. Tissue boundaries are partial-volume (anti-aliased); the lungs have a fine
+    correlated parenchymal texture, a gravity gradient and a branching vessel tree."""
     g = st.ct
     assert g is not None
     n, m, ps, dz = g.n_slices, site.ct_matrix, site.ct_fov / site.ct_matrix, site.ct_spacing
@@ -942,12 +1071,18 @@ def _ct_hu_volume(st: StudyPlan, site: Site, r: np.random.Generator) -> np.ndarr
     scale = 1.0 + 0.035 * np.sin(z / 70.0 + g.body_phase)
     xn, yn = x / (a * scale), (y - yc) / (b * scale)
     rho = np.sqrt(xn * xn + yn * yn)
-    body = rho < 1.0
+    # body outline: an ellipse in front, a flatter superellipse at the back (the patient lies on the table)
+    power = 2.0 + 0.9 * np.clip(yn * 3.0, 0.0, 1.0)
+    rho_body = (np.abs(xn) ** power + np.abs(yn) ** power) ** (1.0 / power)
+    body = np.clip((1.0 - rho_body) * min(a, b) / ps + 0.5, 0.0, 1.0)  # anti-aliased skin edge
     tex = _smooth_noise(r, (m, m), 2.0)  # soft-tissue texture (slowly varying, shared by the slices)
-    hu = np.where(body, 45.0 + 8.0 * tex, _F32(-1000.0))  # muscle and mediastinal soft tissue
-    hu = np.where(body & (rho > 1.0 - fat / min(a, b)), -100.0 + 12.0 * np.roll(tex, 11, axis=1), hu)
+    fine = _smooth_noise(r, (n, m, m), (0.0, 0.6, 0.6))  # fine grain of muscle and fat
+    soft = 45.0 + 8.0 * tex + 5.0 * fine  # muscle and mediastinal soft tissue
+    soft = np.where(rho_body > 1.0 - fat / min(a, b), -100.0 + 12.0 * np.roll(tex, 11, axis=1) + 6.0 * fine, soft)
     inner = rho < g.ring - 6.0 / min(a, b)
-    hu = np.where(inner, 30.0 + 6.0 * tex, hu)
+    soft = np.where(inner, 30.0 + 6.0 * tex + 4.0 * fine, soft)
+    hu = -1000.0 + (soft + 1000.0) * body
+    body = body > 0.5
 
     hx, hy, hax, hay, hz, hzh = g.heart
     heart_scale2 = np.clip(1.0 - ((z - hz) / hzh) ** 2, 0.0, 1.0)
@@ -958,22 +1093,16 @@ def _ct_hu_volume(st: StudyPlan, site: Site, r: np.random.Generator) -> np.ndarr
     hu = np.where(mediastinal_fat, -85.0 + 10.0 * tex, hu)
     hu = np.where(heart, 40.0 + 4.0 * tex, hu)
 
-    # lungs; vessels are iso-lines of a smooth random field that drifts with z (curvilinear,
-    # branching), thicker and brighter towards the hilum
-    lung = _in_ct_lung(g, x, y, z)
-    f1, f2 = _smooth_noise(r, (m, m), 1.3), _smooth_noise(r, (m, m), 1.3)
-    theta = z / 9.0
-    field_ = np.cos(theta) * f1 + np.sin(theta) * f2
-    hilum = np.zeros((1, m, m), dtype=_F32)
-    for cx, cy, ax, ay in g.lungs:
-        hilum = np.maximum(hilum, np.exp(-(((x - (cx - np.sign(cx) * 0.55 * ax)) / (0.6 * ax)) ** 2
-                                           + ((y - cy) / (0.7 * ay)) ** 2)))
-    width = 0.12 + 0.22 * hilum
-    vessel = np.exp(-(field_ / width) ** 2) * (0.35 + 0.65 * hilum)
+    # lungs: partial-volume edge, gravity gradient (dependent lung denser), fine correlated texture
+    # of the secondary lobules, and the vessel tree
+    lung = _gaussian(np.broadcast_to(_in_ct_lung(g, x, y, z), (n, m, m)).astype(_F32), (0.0, 0.5, 0.5))
     cy_mean = float(np.mean([c[1] for c in g.lungs]))
     ay_mean = float(np.mean([c[3] for c in g.lungs]))
-    parenchyma = -860.0 + 35.0 * (y - cy_mean) / ay_mean + 420.0 * vessel
-    hu = np.where(lung, parenchyma, hu)
+    texture = _smooth_noise(r, (n, m, m), (0.5, 0.6, 0.6)) * 18.0 + _smooth_noise(r, (n, m, m), (1.0, 1.8, 1.8)) * 14.0
+    parenchyma = -865.0 + 40.0 * (y - cy_mean) / ay_mean + texture
+    vessel = _ct_vessel_fraction(g, site, r, lung)
+    parenchyma = parenchyma * (1.0 - vessel) + 40.0 * vessel
+    hu = hu * (1.0 - lung) + parenchyma * lung
 
     ax_, ay_, ar = g.aorta
     hu = np.where((x - ax_) ** 2 + (y - ay_) ** 2 < ar * ar, _F32(45.0), hu)
@@ -999,7 +1128,7 @@ def _ct_hu_volume(st: StudyPlan, site: Site, r: np.random.Generator) -> np.ndarr
     if site.ct_table:
         ty = yc + b + 10.0
         hu = np.where((np.abs(y - ty) < 4.0) & (np.abs(x) < 0.42 * site.ct_fov), _F32(-250.0), hu)
-    hu = np.ascontiguousarray(np.broadcast_to(hu, (n, m, m)), dtype=_F32)
+    hu = np.array(np.broadcast_to(hu, (n, m, m)), dtype=_F32)  # a writable copy
     if st.lesion is not None:
         _add_ct_lesion(hu, st.lesion, x[0, 0], y[0, :, 0], z[:, 0, 0], ps, dz, r)
     return hu
@@ -1061,7 +1190,7 @@ def _band(d: np.ndarray, half_width: float) -> np.ndarray:
 
 
 _PRESENTATION_GAIN = 1.0
-_LESION_GAIN = 2.0
+_LESION_GAIN = 1.8  # a nodule is dense soft tissue (denser than the partial-volume lung it displaces)
 
 
 def _large_blur(img: np.ndarray, block: int) -> np.ndarray:
@@ -1082,9 +1211,46 @@ def _large_blur(img: np.ndarray, block: int) -> np.ndarray:
     return interp(rows, small.shape[0]) @ small.astype(_F32) @ interp(cols, small.shape[1]).T
 
 
-def _proj_image(st: StudyPlan, view: str, site: Site, r: np.random.Generator) -> np.ndarray:
-    """A chest radiograph (PA or lateral) as stored values: bright = attenuating for MONOCHROME2,
-    inverted for MONOCHROME1."""
+def _proj_vessel_thickness(g: ProjGeometry, r: np.random.Generator, shape, ps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Projected thickness (mm of blood) of the pulmonary vessel trees in the PA and the lateral view,
+    each of ``shape`` (rows, cols) on the detector grid of spacing ``ps`` mm: one 3D tree
+    (:func:`_vessel_tree`) per lung from its hilum, in the chest frame (x right-left, y head-feet,
+    z anterior-posterior), splatted with its true volume and blurred a little per calibre."""
+    lx, ly, lw, lh = g.lung
+    half_depth = g.lung_depth / 2
+
+    def inside(p: np.ndarray) -> np.ndarray:
+        in_depth = ((p[:, 2] - 0.04 * g.depth) / (0.85 * half_depth)) ** 2 + ((p[:, 1] - ly) / lh) ** 2 < 1.0
+        return _proj_lung_field(g, p[:, 0], p[:, 1], margin=-3.0) & in_depth | (np.abs(p[:, 0]) < 0.5 * lx)
+
+    roots = []
+    for side in (-1, 1):
+        hilum = np.array([side * (lx - 0.62 * lw), ly + r.uniform(0.0, 0.2) * lh, r.uniform(0.0, 15.0)])
+        for _ in range(12):
+            direction = r.standard_normal(3)
+            direction[0] = side * (abs(direction[0]) + 0.3)
+            direction[1] *= 1.4  # the lungs are taller than wide: more vessels run up and down
+            roots.append((hilum, direction, r.uniform(3.5, 5.5)))
+    tree = _vessel_tree(r, roots, inside, step=ps / 2, generations=7)
+    rows, cols = shape
+    volume = np.pi * tree[:, 3] ** 2 * tree[:, 4] / (ps * ps)
+    thick = tree[:, 3] > 2.0
+    out = []
+    for horizontal in (tree[:, 0], tree[:, 2]):  # PA: x across; lateral: z across
+        coords = np.column_stack([(tree[:, 1] + g.shift[1]) / ps + (rows - 1) / 2,
+                                  (horizontal + g.shift[0]) / ps + (cols - 1) / 2])
+        fine = _gaussian(_splat(shape, coords[~thick], volume[~thick]), 0.5)
+        coarse = _gaussian(_splat(shape, coords[thick], volume[thick]), 1.4)
+        out.append(fine + coarse)
+    return out[0], out[1]
+
+
+def _proj_image(st: StudyPlan, view: str, site: Site, r: np.random.Generator,
+                vessels: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """A chest radiograph (PA or lateral) as stored values, shape (Rows, Columns) uint16: bright =
+    attenuating for MONOCHROME2, inverted for MONOCHROME1. ``vessels``: projected vessel thickness
+    (mm) in the PA and lateral view from :func:`_proj_vessel_thickness` (one tree per study, so both
+    views show the same vessels)."""
     g = st.proj
     assert g is not None
     rows, cols, ps = site.proj_rows, site.proj_cols, site.proj_spacing
@@ -1131,14 +1297,12 @@ def _proj_image(st: StudyPlan, view: str, site: Site, r: np.random.Generator) ->
         # anterior ribs: fainter, running down and inwards from the lateral chest wall
         ta = (Y - rib_y0 - 55 - 0.45 * (w - np.abs(X))) / (rib_dy * 1.15)
         ribs += 0.4 * _band((ta - np.round(ta)) * rib_dy * 1.15, 6.0) * (inside & (axx > 40) & (ta > -0.5) & (ta < 5.5))
-        ribs *= 0.45 + 0.55 * np.clip(lung_mask, 0, 1)
+        ribs *= (0.3 + 0.7 * np.clip(lung_mask, 0, 1)) * (0.8 + 0.2 * _smooth_noise(r, (rows, cols), 6.0))
         clav = _band(Y - (g.clavicle_y - 0.22 * axx + 0.0008 * axx * axx), 6.0) * ((axx > 0) & (np.abs(X) < w))
-        # vascular markings: iso-lines of a smooth random field, denser and brighter towards the hila
-        field_ = _large_blur(r.standard_normal((rows, cols), dtype=_F32), 8) * 2.5
-        hila = np.exp(-((np.abs(X) - 0.45 * lx) / (0.8 * lw)) ** 2 - ((Y - ly - 0.1 * lh) / (0.6 * lh)) ** 2)
-        vessels = np.exp(-(field_ / (0.10 + 0.15 * hila)) ** 2) * (0.3 + 0.7 * hila) * np.clip(lung_mask, 0, 1)
-        atten = ((tissue - air - trachea) / g.depth + 0.18 * spine + 0.13 * ribs + 0.30 * clav
-                 + 0.30 * arm + 0.15 * humerus + 0.07 * vessels)
+        # lung texture: fine and coarse correlated noise of the interstitium, in the lung fields only
+        lung_tex = _smooth_noise(r, (rows, cols), 0.9) + 0.8 * _smooth_noise(r, (rows, cols), 2.5)
+        atten = ((tissue - air - trachea) / g.depth + 0.18 * spine + 0.11 * ribs + 0.30 * clav
+                 + 0.30 * arm + 0.15 * humerus + (vessels[0] / g.depth + 0.016 * lung_tex) * np.clip(lung_mask, 0, 1))
         if g.breasts:
             for side in (-1, 1):
                 br = ((X - side * lx * 1.15) / (0.9 * lw)) ** 2 + ((Y - ly - 0.75 * lh) / (0.45 * lh)) ** 2
@@ -1164,7 +1328,9 @@ def _proj_image(st: StudyPlan, view: str, site: Site, r: np.random.Generator) ->
         stern = np.exp(-((X + 0.86 * half) / 5.0) ** 2) * ((Y > g.clavicle_y) & (Y < ly + 0.4 * lh))
         tr = (X - 0.5 * half - 0.5 * (Y - ly)) / 26.0
         ribs = _band((tr - np.round(tr)) * 26.0, 4.0) * ((X > 0.2 * half) & (np.abs(v) < 0.95)) * body
-        atten = (tissue - air) / g.width * 1.05 + arms + 0.35 * spine + 0.15 * stern + 0.10 * ribs
+        lung_tex = _smooth_noise(r, (rows, cols), 0.9) + 0.8 * _smooth_noise(r, (rows, cols), 2.5)
+        atten = ((tissue - air) / g.width * 1.05 + arms + 0.35 * spine + 0.15 * stern + 0.10 * ribs
+                 + (vessels[1] * 1.05 / g.width + 0.012 * lung_tex) * np.clip(mask, 0, 1))
         les_x = st.lesion.z if st.lesion else 0.0
     atten = np.asarray(atten, dtype=_F32)
     if st.lesion is not None:  # a sphere of soft tissue: path length through it, in a small box
@@ -1177,7 +1343,8 @@ def _proj_image(st: StudyPlan, view: str, site: Site, r: np.random.Generator) ->
             dy = Y[rs, 0][:, None] - les.y
             radius = les.radius * (1 + les.lobulation * np.cos(3 * np.arctan2(dy, dx) + les.phase))
             path = 2 * np.sqrt(np.clip(radius ** 2 - dx ** 2 - dy ** 2, 0, None))
-            atten[np.ix_(rs, cs)] += (_LESION_GAIN * les.strength / g.depth) * path
+            unit = g.depth if view == "pa" else g.width / 1.05  # mm of soft tissue per unit attenuation
+            atten[np.ix_(rs, cs)] += (_LESION_GAIN * les.strength / unit) * path
     # slow brightness variation (separable cosines) and heel-effect gradient
     kx, ky, px_, py_ = g.low
     low = np.cos(kx * X + px_) * np.cos(ky * Y + py_)
@@ -1566,7 +1733,7 @@ def _render_patient(pt: PatientPlan, seed: int, defects: bool) -> dict[str, byte
     out: dict[str, bytes] = {}
     cut: dict[str, int] = {}  # relpath -> length of its pixel data value (for the truncated copy)
     for st in pt.studies:
-        hu = None
+        hu = vessels = None
         if st.kind == "ct":
             hu = _ct_hu_volume(st, site, _rng(seed, _S_PIXELS, pt.index, st.index, 99))
         for se in _series_of(pt, st, seed, defects):
@@ -1583,7 +1750,11 @@ def _render_patient(pt: PatientPlan, seed: int, defects: bool) -> dict[str, byte
                     pix = _encode(_dose_screen_pixels(pt, st), se.ts, 8, 0, "MONOCHROME2")
                 else:
                     sop_class = DX_PRESENTATION_STORAGE if site.proj_modality == "DX" else CR_IMAGE_STORAGE
-                    pix = _encode(_proj_image(st, se.kind, site, r), se.ts, site.proj_bits, 0, site.photometric)
+                    if vessels is None:
+                        vessels = _proj_vessel_thickness(st.proj, _rng(seed, _S_PIXELS, pt.index, st.index, 99),
+                                                         (site.proj_rows, site.proj_cols), site.proj_spacing)
+                    pix = _encode(_proj_image(st, se.kind, site, r, vessels), se.ts, site.proj_bits, 0,
+                                  site.photometric)
                 rel = f"{base}/{se.names[0]}"
                 writer = _SeriesWriter(template, site, sop_class, se.ts)
                 out[rel], cut[rel] = writer.instance(_sop_uid(seed, pt, st, se, 0), {"InstanceNumber": 1}, pix)
@@ -1676,6 +1847,42 @@ def _remove_stale_temps(out_dir: Path) -> int:
     return len(stale)
 
 
+def _lesion_rows(pt: PatientPlan, seed: int, defects: bool) -> list[str]:
+    """``lesions.csv`` rows of a patient (module docstring): one per written image instance that shows
+    its study's nodule, from the plan alone (no pixels needed)."""
+    rows = []
+    site = pt.site
+    for st in pt.studies:
+        les = st.lesion
+        if les is None:
+            continue
+        for se in st.series:
+            for k in range(se.n):
+                if defects and se.omit == k:
+                    continue
+                if st.kind == "ct":
+                    g = st.ct
+                    ps = float(_ds(site.ct_fov / site.ct_matrix, 6))  # as PixelSpacing says
+                    dz = (k - (g.n_slices - 1) / 2) * site.ct_spacing - les.z
+                    if abs(dz) >= les.radius:
+                        continue
+                    radius_mm = float(np.sqrt(les.radius ** 2 - dz ** 2))
+                    row = les.y / ps + (site.ct_matrix - 1) / 2
+                    col = les.x / ps + (site.ct_matrix - 1) / 2
+                    radius_px = radius_mm / ps
+                else:
+                    g = st.proj
+                    det = site.proj_spacing  # the image is rendered on the detector grid
+                    across = les.x if se.kind == "pa" else les.z
+                    row = (les.y + g.shift[1]) / det + (site.proj_rows - 1) / 2
+                    col = (across + g.shift[0]) / det + (site.proj_cols - 1) / 2
+                    radius_px = les.radius / det
+                    radius_mm = radius_px * float(_ds(site.proj_spacing / site.proj_magnification, 6))
+                rows.append(f"{st.uid},{se.uid},{_sop_uid(seed, pt, st, se, k)},{row:.3f},{col:.3f},"
+                            f"{radius_px:.3f},{radius_mm:.3f}")
+    return rows
+
+
 def _write_cohort(out_dir: Path, seed: int, defects: bool, total: int, complete: int) -> SynthSummary:
     out_dir.mkdir(parents=True, exist_ok=True)
     root = out_dir / DICOM_DIR
@@ -1703,6 +1910,8 @@ def _write_cohort(out_dir: Path, seed: int, defects: bool, total: int, complete:
             written += 1
     rows = ["study_instance_uid,label"] + [f"{st.uid},{st.label}" for pt in plans for st in pt.studies]
     _write_if_changed(out_dir / LABELS_NAME, ("\n".join(rows) + "\n").encode())
+    lesions = [LESIONS_HEADER] + [row for pt in plans for row in _lesion_rows(pt, seed, defects)]
+    _write_if_changed(out_dir / LESIONS_NAME, ("\n".join(lesions) + "\n").encode())
     _write_if_changed(out_dir / MARKER_NAME, _marker_bytes(seed, defects, total))
     summary = _summarise(plans, seed, defects)
     log.info("synth: %d patients (%d written now), %d studies, %d series, %d instances, %d files (%d written now%s)",
