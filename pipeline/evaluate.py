@@ -11,6 +11,11 @@ the held-out test split, then writes to ``out_dir`` (``reports/``):
 - ``predictions.csv``: one row per scored image (pseudonymised keys only);
 - ``report.md``, ``report.html`` and ``figures/`` (:mod:`pipeline.report`).
 
+With lesion ground truth (``images_dir/lesions.parquet``, :mod:`pipeline.lesions`), binary tasks also get
+``test.localisation``: the share of ALL true-positive test images with ground truth whose Grad-CAM
+maximum lies inside a lesion, with a patient-bootstrap CI (also as the flat scalars
+``test.localisation_hit_rate`` and ``_ci_lo``/``_ci_hi``). Ground truth never enters any other metric.
+
 Binary tasks get every metric above; with more than two classes, ``metrics.json`` holds macro
 one-vs-rest AUC and PR-AUC (with patient-bootstrap CIs), per-class AUC, accuracy and the confusion
 matrix of the most probable class.
@@ -28,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import metrics, models, train
+from pipeline import lesions, metrics, models, train
 from pipeline.io_utils import atomic_write_text, csv_text
 
 log = logging.getLogger(__name__)
@@ -151,6 +156,13 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
         roc_band = metrics.roc_band(test["y_true"], test["score"], test["patient_key"], n_boot=params.n_boot,
                                     seed=params.seed, alpha=alpha)
         _write_plots(out_dir / "plots", test, result["test"], [classes[int(p)] for p in test["predicted"]])
+        ground_truth = lesions.read(images_dir)
+        if ground_truth is not None:
+            found = _localisation(model, meta["backbone"], test, ground_truth, np.load(data.tensors, mmap_mode="r"),
+                                  params, alpha)
+            result["test"]["localisation"] = found
+            result["test"]["localisation_hit_rate"] = found["hit_rate"]
+            result["test"]["localisation_hit_rate_ci"] = [found["ci_low"], found["ci_high"]]
     else:
         threshold, subgroups, roc_band = None, [], []
         for split, frame in frames.items():
@@ -182,7 +194,7 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
                               "subgroups": {"test": subgroups}},
             predictions=predictions, history=read_history(live_dir), card=card, model=model.cpu(),
             backbone=meta["backbone"], tensors=np.load(data.tensors, mmap_mode="r"),
-            n_examples=params.gradcam_examples)
+            n_examples=params.gradcam_examples, lesions=lesions.read(images_dir))
         report_path = str(paths["markdown"])
     test_metrics = result["test"]
     summary = EvaluateSummary(classes, threshold, test_metrics["auc"], test_metrics["auc_ci"],
@@ -191,6 +203,33 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
     log.info("test: AUC %.3f [%.3f, %.3f] on %d images of %d patients", summary.test_auc, *summary.test_auc_ci,
              summary.test_images, summary.test_patients)
     return summary
+
+
+def _localisation(model: torch.nn.Module, backbone: str, test: pd.DataFrame, ground_truth: pd.DataFrame,
+                  tensors: np.ndarray, params: EvaluateParams, alpha: float) -> dict:
+    """Grad-CAM localisation on every true-positive test image with ground truth (:mod:`pipeline.lesions`).
+
+    Args:
+        model: the classifier; Grad-CAM explains its positive-class (index 1) score.
+        backbone: picks the layer (:data:`pipeline.report.GRADCAM_LAYERS`).
+        test: the test frame with ``row``, ``patient_key``, ``y_true`` and ``predicted`` (at the threshold).
+        ground_truth: the lesions table (tensor rows, centres and radii in tensor pixels).
+        tensors: (N, 3, H, W) images that ``row`` indexes.
+    """
+    from pipeline import report
+
+    true_positive = test[(test["y_true"] == 1) & (test["predicted"] == 1)]
+    scored = true_positive[true_positive["row"].isin(ground_truth["row"])]
+    rows = scored["row"].to_numpy()
+    maps = report.gradcam(model, backbone, torch.from_numpy(np.asarray(tensors[rows], np.float32)), 1) if len(rows) \
+        else np.zeros((0, *tensors.shape[2:]), np.float32)
+    hit = lesions.hits(maps, rows, ground_truth)
+    found = lesions.hit_rate(hit, scored["patient_key"].to_numpy(), n_boot=params.n_boot, seed=params.seed,
+                             alpha=alpha)
+    found.update(n_true_positives=len(true_positive), layer=report.GRADCAM_LAYERS[backbone])
+    log.info("localisation: Grad-CAM maximum inside the lesion on %d of %d true positives with ground truth (of %d)",
+             found["n_hits"], found["n_images"], len(true_positive))
+    return found
 
 
 def _frame(index: pd.DataFrame, data: train.SplitData, split: str, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:

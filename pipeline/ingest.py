@@ -13,8 +13,17 @@ phases:
    CT/MR/PT slices into volumes and check their geometry (sizes, orientation, duplicate or missing
    slices), decide which files are in.
 3. **write**: de-identified files of units that are in (rewriting any that are missing), deletion
-   of outputs that are no longer in, ``manifest.parquet``, ``rejected.csv``, ``summary.json``, and
-   hard links of rejected files in the quarantine directory (outside DVC: raw files hold PHI).
+   of outputs that are no longer in, ``manifest.parquet``, ``rejected.csv``, ``summary.json``,
+   ``lesions.parquet`` (lesion ground truth, see below), and hard links of rejected files in the
+   quarantine directory (outside DVC: raw files hold PHI).
+
+Lesion ground truth (optional): a sidecar CSV with one row per image instance that shows a lesion
+(:data:`LESION_COLUMNS`: original Study/Series/SOP Instance UIDs, the centre ``row``/``col`` in that
+instance's stored pixel grid and the in-plane radius in pixels and mm) is translated to the
+pseudonymised keys of the manifest and written as ``lesions.parquet`` (:data:`LESION_OUTPUT_COLUMNS`;
+empty without a sidecar). It is never joined into the manifest and never read as a label: it only
+serves to measure where a model looks (Grad-CAM localisation). Rows of instances that are not
+ingested are dropped and counted.
 
 Manifest: one row per *image unit* — a 2D instance, a multi-frame instance, or a 3D series of
 single-frame slices — with ``paths`` (relative to OUT) ordered by slice position for volumes.
@@ -52,6 +61,13 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 SIDECAR_NAMES = frozenset({"medtl_synth.json"})  # written by `medtl synth` next to the tree
 LABEL_KEYS = ("file", "sop_instance_uid", "series_instance_uid", "study_instance_uid", "accession_number")
+#: Columns of the lesion ground-truth sidecar (original UIDs; pixel coordinates 0-based, in the instance's grid).
+LESION_COLUMNS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "row", "col", "radius_px",
+                  "radius_mm")
+#: Columns of ``lesions.parquet``: manifest keys (remapped UIDs), the instance's position in the unit's
+#: ``paths`` (``slice_index``; 0 for 2D images), then the sidecar's geometry unchanged.
+LESION_OUTPUT_COLUMNS = ("image_id", "patient_key", "study_uid", "series_uid", "sop_instance_uid", "slice_index",
+                         "row", "col", "radius_px", "radius_mm")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # SOP classes that carry pixel data but are not images a classifier should see.
 NON_IMAGE_WITH_PIXELS = {
@@ -155,6 +171,7 @@ class IngestSummary:
     by_transfer_syntax: dict[str, int]
     label_key: str
     run: dict[str, Any]
+    lesions: dict[str, int] = field(default_factory=dict)  # sidecar rows: {"rows", "kept", "dropped"}
 
     @property
     def rejected_total(self) -> int:
@@ -487,6 +504,77 @@ def read_labels(path: Path, pseudo: deid.Pseudonymizer) -> Labels:
     return Labels(key=key, by_value=by_value)
 
 
+@dataclass(frozen=True)
+class LesionRow:
+    """One sidecar row, identifiers already keyed hashes (never the UIDs themselves)."""
+
+    k_study: str
+    k_series: str
+    k_sop: str
+    row: float
+    col: float
+    radius_px: float
+    radius_mm: float
+
+
+def read_lesions(path: Path, pseudo: deid.Pseudonymizer) -> list[LesionRow]:
+    """Read a lesion ground-truth sidecar with exactly the columns :data:`LESION_COLUMNS`.
+
+    UIDs are hashed with the site key at once (as :func:`read_labels` does), so they never reach
+    outputs or logs. ``row``/``col`` are pixel coordinates (0-based floats) in the instance's stored
+    grid; ``radius_px`` its in-plane radius in that grid's pixels, ``radius_mm`` the same in mm.
+
+    Raises:
+        LabelsError: a missing file, other columns, an empty UID or a value that is not a number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LabelsError(f"{path}: lesions file does not exist")
+    rows: list[LesionRow] = []
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        if sorted(header) != sorted(LESION_COLUMNS):
+            raise LabelsError(f"{path}: lesions file needs exactly the columns {list(LESION_COLUMNS)}, got {header}")
+        for line_no, raw in enumerate(reader, start=2):
+            raw = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+            uids = [raw[k] for k in LESION_COLUMNS[:3]]
+            if not all(uids):
+                raise LabelsError(f"{path}:{line_no}: empty UID")
+            try:
+                values = [float(raw[k]) for k in LESION_COLUMNS[3:]]
+            except ValueError:
+                raise LabelsError(f"{path}:{line_no}: row, col, radius_px and radius_mm must be numbers") from None
+            if not all(np.isfinite(values)) or values[2] <= 0 or values[3] <= 0:
+                raise LabelsError(f"{path}:{line_no}: coordinates must be finite and radii positive")
+            rows.append(LesionRow(pseudo.token("study", uids[0]), pseudo.token("series", uids[1]),
+                                  pseudo.token("sop", uids[2]), *values))
+    return rows
+
+
+def _lesion_table(units: list[_Unit], lesions: list[LesionRow]) -> tuple[pd.DataFrame, int]:
+    """Sidecar rows of ingested instances under the manifest's keys, and how many rows were dropped.
+
+    A row is kept when its SOP instance is in a unit and its study and series match that instance's
+    (a row naming the wrong series is dropped rather than placed on another image).
+    """
+    where: dict[str, tuple[_Unit, int, FileRecord]] = {}
+    for unit in units:
+        for k, (_, record) in enumerate(unit.files):
+            where[record.k_sop] = (unit, k, record)
+    rows = []
+    for lesion in lesions:
+        found = where.get(lesion.k_sop)
+        if found is None or (found[2].k_series, found[2].k_study) != (lesion.k_series, lesion.k_study):
+            continue
+        unit, k, record = found
+        rows.append((_image_id(unit), record.patient_key, record.study_uid, record.series_uid, record.sop_uid, k,
+                     lesion.row, lesion.col, lesion.radius_px, lesion.radius_mm))
+    table = pd.DataFrame(rows, columns=list(LESION_OUTPUT_COLUMNS)).astype(
+        {"slice_index": "int64", "row": "float64", "col": "float64", "radius_px": "float64", "radius_mm": "float64"})
+    return table.sort_values(["image_id", "slice_index"], kind="stable").reset_index(drop=True), len(lesions) - len(rows)
+
+
 # --------------------------------------------------------------------------------------------------
 # phase 2: assemble units
 
@@ -680,6 +768,7 @@ def run(
     quarantine_dir: Path | None = None,
     key: bytes | None = None,
     fanout: FanoutParams | None = None,
+    lesions_csv: Path | None = None,
 ) -> IngestSummary:
     """Ingest a DICOM tree: de-identify, account for every file, write manifest/rejected/summary.
 
@@ -693,6 +782,8 @@ def run(
         key: pseudonymisation key; None resolves it (:func:`pipeline.deid.resolve_key`).
         fanout: where the per-file work of the scan and rewrite phases runs (default: local
             processes, ``params.workers`` of them); outputs do not depend on it.
+        lesions_csv: optional lesion ground-truth sidecar (:func:`read_lesions`); None (a real site): none.
+            ``out_dir/lesions.parquet`` is written either way (empty without a sidecar).
 
     Returns:
         The summary also written to ``out_dir/summary.json``.
@@ -706,6 +797,7 @@ def run(
         log.info("pseudonymisation key from %s", source)
     pseudo = deid.Pseudonymizer(key)
     labels = read_labels(labels_csv, pseudo)
+    lesions = read_lesions(lesions_csv, pseudo) if lesions_csv is not None else []
     fanout = fanout or FanoutParams()
     workers = params.workers or os.cpu_count() or 1
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -714,7 +806,7 @@ def run(
     if not cache.valid:
         log.warning("ingest cache was made with another key or version: starting from scratch")
         shutil.rmtree(out_dir / "dicom", ignore_errors=True)
-    relpaths = walk_inputs(input_dir, skip=[labels_csv])
+    relpaths = walk_inputs(input_dir, skip=[labels_csv, *([lesions_csv] if lesions_csv is not None else [])])
     ctx = _ScanContext(input_dir, out_dir, key, params, frozenset(cache.records))
 
     # phase 1: scan (cached content is only hashed)
@@ -748,6 +840,13 @@ def run(
     buffer = io.BytesIO()
     manifest.to_parquet(buffer, index=False)
     atomic_write_bytes(out_dir / "manifest.parquet", buffer.getvalue())
+    lesion_table, lesions_dropped = _lesion_table(units, lesions)
+    buffer = io.BytesIO()
+    lesion_table.to_parquet(buffer, index=False)
+    atomic_write_bytes(out_dir / "lesions.parquet", buffer.getvalue())
+    if lesions_csv is not None:
+        log.info("lesions: %d sidecar rows, %d on %d ingested images, %d dropped (instance not ingested)",
+                 len(lesions), len(lesion_table), lesion_table["image_id"].nunique(), lesions_dropped)
     rejected_rows = sorted(rejected.items())
     atomic_write_text(out_dir / "rejected.csv", csv_text(["path", "reason"], rejected_rows))
     if quarantine_dir is not None:
@@ -769,6 +868,7 @@ def run(
         label_key=labels.key,
         run={"runner": fanout.runner, "workers": workers, "new_files": n_new, "cached_files": len(relpaths) - n_new,
              "rewritten_files": len(missing), "seconds": round(time.perf_counter() - started, 2)},
+        lesions={"rows": len(lesions), "kept": len(lesion_table), "dropped": lesions_dropped} if lesions_csv else {},
     )
     if summary.files_seen != summary.ingested + summary.rejected_total:
         raise RuntimeError(

@@ -21,6 +21,10 @@ Tensors go into ONE array file ``tensors.npy`` (N, C, size, size) float16 in [0,
 by readers), with ``index.parquet`` (row → image keys, label, patient key, site) and
 ``fingerprint.json`` (spacings, intensity percentiles, class and site counts, output spec) that
 downstream stages read instead of recomputing. Failures go to ``rejected.csv`` with a reason.
+
+Lesion ground truth (ingest's ``lesions.parquet``, when a sidecar was given) is carried through the
+same geometry as the pixels by :func:`lesion_in_tensor` into ``lesions.parquet`` (:data:`LESION_COLUMNS`:
+tensor row, centre and radius in tensor pixels; empty without ground truth). It is not a label.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 REDUCTIONS = ("key_slice", "2.5d", "mip")
+#: Columns of ``lesions.parquet``: tensor row (as in index.parquet), image, lesion centre and radius in
+#: tensor pixels (0-based row/column of the (size, size) plane).
+LESION_COLUMNS = ("row", "image_id", "centre_row", "centre_col", "radius_px")
 
 
 class PreprocessError(ValueError):
@@ -206,19 +213,29 @@ def resample(image: sitk.Image, spacing_mm: tuple[float, float, float]) -> sitk.
                          tuple(spacing_mm), image.GetDirection(), lowest, sitk.sitkFloat32)
 
 
-def reduce_volume(volume: np.ndarray, z_spacing: float, how: str, slab_mm: float) -> np.ndarray:
-    """(z, y, x) → (C, y, x): C=1 for ``key_slice`` and ``mip``, 3 for ``2.5d``; around the middle slice."""
-    mid = volume.shape[0] // 2
+def reduction_slices(n_slices: int, z_spacing: float, how: str, slab_mm: float) -> tuple[int, list[int]]:
+    """Which slices of a (z, y, x) volume :func:`reduce_volume` uses: (key slice, slices it reads).
+
+    ``key_slice``: the middle slice; ``mip``: every slice of the ``slab_mm`` slab around it; ``2.5d``: the
+    slices ``slab_mm / 2`` below, at and above it (the channels, in order).
+    """
+    mid = n_slices // 2
     half = max(1, int(round(slab_mm / 2 / z_spacing)))
     if how == "key_slice":
-        return volume[mid][None]
+        return mid, [mid]
     if how == "mip":
-        lo, hi = max(0, mid - half), min(volume.shape[0], mid + half + 1)
-        return volume[lo:hi].max(axis=0)[None]
+        return mid, list(range(max(0, mid - half), min(n_slices, mid + half + 1)))
     if how == "2.5d":
-        picks = [max(0, mid - half), mid, min(volume.shape[0] - 1, mid + half)]
-        return volume[picks]
+        return mid, [max(0, mid - half), mid, min(n_slices - 1, mid + half)]
     raise ValueError(f"unknown 3D reduction {how!r}")
+
+
+def reduce_volume(volume: np.ndarray, z_spacing: float, how: str, slab_mm: float) -> np.ndarray:
+    """(z, y, x) → (C, y, x): C=1 for ``key_slice`` and ``mip``, 3 for ``2.5d``; around the middle slice."""
+    _, picks = reduction_slices(volume.shape[0], z_spacing, how, slab_mm)
+    if how == "mip":
+        return volume[picks].max(axis=0)[None]
+    return volume[picks]
 
 
 def window(values: np.ndarray, choice: str, image: Image, percentiles: tuple[float, float],
@@ -243,19 +260,156 @@ def window(values: np.ndarray, choice: str, image: Image, percentiles: tuple[flo
     return out.astype(np.float32)
 
 
-def fit(channels_first: np.ndarray, spacing_xy: tuple[float, float], size: int) -> np.ndarray:
-    """(C, H, W) → (C, size, size): physical aspect kept, longest side = size, zero padding centred."""
-    c, h, w = channels_first.shape
+@dataclass(frozen=True)
+class FitBox:
+    """Where :func:`fit` puts an (H, W) plane in the (size, size) output.
+
+    Attributes:
+        scale: output pixels per mm (the same along both axes: output pixels are square in mm).
+        new_h, new_w: the resized plane's size in output pixels.
+        top, left: its offset in the output (the centred zero padding), pixels.
+        h, w: the input plane's size in pixels.
+    """
+
+    scale: float
+    new_h: int
+    new_w: int
+    top: int
+    left: int
+    h: int
+    w: int
+
+    def map(self, row: float, col: float) -> tuple[float, float]:
+        """An input pixel coordinate (0-based, pixel centres) → the output's, as the bilinear resize maps it."""
+        return ((row + 0.5) * self.new_h / self.h - 0.5 + self.top,
+                (col + 0.5) * self.new_w / self.w - 0.5 + self.left)
+
+
+def fit_box(h: int, w: int, spacing_xy: tuple[float, float], size: int) -> FitBox:
+    """The geometry of :func:`fit` for an (h, w) plane with ``spacing_xy`` = (x, y) mm per pixel."""
     height_mm, width_mm = h * spacing_xy[1], w * spacing_xy[0]
     scale = size / max(height_mm, width_mm)
     new_h, new_w = max(1, int(round(height_mm * scale))), max(1, int(round(width_mm * scale)))
+    return FitBox(scale, new_h, new_w, (size - new_h) // 2, (size - new_w) // 2, h, w)
+
+
+def fit(channels_first: np.ndarray, spacing_xy: tuple[float, float], size: int) -> np.ndarray:
+    """(C, H, W) → (C, size, size): physical aspect kept, longest side = size, zero padding centred."""
+    c, h, w = channels_first.shape
+    box = fit_box(h, w, spacing_xy, size)
     tensor = torch.from_numpy(np.ascontiguousarray(channels_first))[None]
-    resized = torch.nn.functional.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False,
-                                              antialias=True)[0].numpy()
+    resized = torch.nn.functional.interpolate(tensor, size=(box.new_h, box.new_w), mode="bilinear",
+                                              align_corners=False, antialias=True)[0].numpy()
     out = np.zeros((c, size, size), dtype=np.float32)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[:, top:top + new_h, left:left + new_w] = np.clip(resized, 0.0, 1.0)
+    out[:, box.top:box.top + box.new_h, box.left:box.left + box.new_w] = np.clip(resized, 0.0, 1.0)
     return out
+
+
+@dataclass(frozen=True)
+class LesionMark:
+    """One ground-truth lesion cross-section on one instance (a row of ingest's ``lesions.parquet``).
+
+    Attributes:
+        row, col: centre in the instance's stored pixel grid (0-based; rows = y, columns = x).
+        radius_mm: in-plane radius on that instance, mm (for a CT slice: the sphere's cross-section there).
+        radius_px: the same in the instance's pixels; preferred on square pixels (see :func:`_mark_radius_mm`).
+        position: the instance's ImagePositionPatient (mm, LPS); volumes only.
+        orientation: its ImageOrientationPatient (row direction, then column direction); volumes only.
+        pixel_spacing: its PixelSpacing (row, column) mm; volumes only.
+    """
+
+    row: float
+    col: float
+    radius_mm: float
+    radius_px: float = float("nan")
+    position: tuple[float, float, float] | None = None
+    orientation: tuple[float, ...] | None = None
+    pixel_spacing: tuple[float, float] | None = None
+
+
+def lesion_in_tensor(marks: list[LesionMark], image: Image, params: PreprocessParams) -> tuple[float, float, float] | None:
+    """Where a lesion lies in :func:`to_tensor`'s output: the pixels' geometry applied to a point.
+
+    2D images: the mark's (row, col) through :func:`fit` (aspect-kept resize, centred padding); the
+    radius in mm times the output's pixels per mm. Volumes (``image`` as :func:`read_volume` returns it:
+    LPS, resampled): the marks of the lesion's slices (one or more cross-sections of a sphere) give
+    the sphere's centre and radius in mm (a least-squares fit of r² + d² = R² along the slice normal;
+    one mark: the sphere is centred on that slice); its centre goes to the resampled grid's continuous
+    index, and then to the plane :func:`reduce_volume` makes: ``key_slice`` and ``2.5d`` (the centre
+    channel is the key slice) keep the lesion only if the sphere cuts the key slice, with the
+    cross-section's radius there; ``mip`` keeps it if it cuts the slab, with the largest cross-section
+    inside the slab (a bright nodule's footprint in the projection).
+
+    Args:
+        marks: the cross-sections of ONE lesion (one mark for a 2D image).
+        image: the image the tensor is made from (spacing/origin/direction as :class:`Image` holds them).
+        params: the preprocess params the tensor is made with.
+
+    Returns:
+        (row, col, radius) in output-tensor pixels, or None when the lesion is not in the output plane.
+    """
+    if not marks:
+        return None
+    if image.array.ndim == 2:
+        mark = marks[0]
+        box = fit_box(*image.array.shape, (image.spacing[0], image.spacing[1]), params.size)
+        radius_mm = _mark_radius_mm(mark, (image.spacing[1], image.spacing[0]))
+        return (*box.map(mark.row, mark.col), radius_mm * box.scale)
+    centre_mm, radius_mm = _sphere(marks)
+    direction = np.asarray(image.direction, dtype=float).reshape(3, 3)
+    spacing = np.asarray(image.spacing, dtype=float)
+    index = direction.T @ (centre_mm - np.asarray(image.origin, dtype=float)) / spacing  # continuous (x, y, z)
+    mid, picks = reduction_slices(image.array.shape[0], spacing[2], params.reduce_3d, params.slab_mm)
+    if params.reduce_3d == "mip":
+        nearest = float(np.clip(index[2], min(picks), max(picks)))
+    else:
+        nearest = float(mid)
+    offset_mm = (nearest - index[2]) * spacing[2]
+    if abs(offset_mm) >= radius_mm:
+        return None
+    box = fit_box(image.array.shape[1], image.array.shape[2], (spacing[0], spacing[1]), params.size)
+    return (*box.map(index[1], index[0]), float(np.sqrt(radius_mm ** 2 - offset_mm ** 2)) * box.scale)
+
+
+def _mark_radius_mm(mark: LesionMark, pixel_spacing: tuple[float, float]) -> float:
+    """A mark's radius in the mm of the grid's own ``pixel_spacing`` (row, column).
+
+    On square pixels the radius in pixels is used: it is what the pixels show, whatever "mm" means
+    for the file (a radiograph's ImagerPixelSpacing is at the detector, a sidecar's mm may be at the
+    patient, a magnification apart). On non-square pixels a radius in pixels is ambiguous, so the
+    radius in mm is used; either falls back to the other when missing.
+    """
+    square = abs(pixel_spacing[0] - pixel_spacing[1]) <= 1e-6 * max(pixel_spacing)
+    if np.isfinite(mark.radius_px) and (square or not np.isfinite(mark.radius_mm)):
+        return float(mark.radius_px * np.sqrt(pixel_spacing[0] * pixel_spacing[1]))
+    return float(mark.radius_mm)
+
+
+def _sphere(marks: list[LesionMark]) -> tuple[np.ndarray, float]:
+    """Centre (mm, LPS) and radius (mm) of a sphere from its cross-sections on parallel slices."""
+    points, distances, radii = [], [], []
+    for mark in marks:
+        if mark.position is None or mark.orientation is None or mark.pixel_spacing is None:
+            raise PreprocessError("lesion mark on a volume slice without position/orientation/spacing")
+        row_dir, col_dir = np.asarray(mark.orientation[:3], float), np.asarray(mark.orientation[3:6], float)
+        # DICOM: column index steps along the row direction by the column spacing, and vice versa
+        point = (np.asarray(mark.position, float) + mark.col * mark.pixel_spacing[1] * row_dir
+                 + mark.row * mark.pixel_spacing[0] * col_dir)
+        normal = np.cross(row_dir, col_dir)
+        points.append(point)
+        distances.append(float(normal @ point))
+        radii.append(_mark_radius_mm(mark, mark.pixel_spacing))
+    points, d, r = np.array(points), np.array(distances), np.array(radii)
+    if len(marks) == 1 or np.ptp(d) < 1e-6:
+        best = int(np.argmax(r))
+        return points[best], float(r[best])
+    # r² + (d - d0)² = R²  ⇔  r² + d² = (R² - d0²) + 2 d0 d: linear in (R² - d0², d0)
+    design = np.stack([np.ones_like(d), 2 * d], axis=1)
+    (c, d0), *_ = np.linalg.lstsq(design, r ** 2 + d ** 2, rcond=None)
+    radius = float(np.sqrt(max(c + d0 ** 2, float((r ** 2).max()))))
+    # every cross-section's centre lies on the line through the sphere's centre along the normal
+    on_line = points - np.outer(d, normal)
+    return on_line.mean(axis=0) + d0 * normal, radius
 
 
 def load_unit(row: dict, ingest_dir: Path, params: PreprocessParams) -> Image:
@@ -309,13 +463,56 @@ def _one(row: dict) -> tuple[np.ndarray | None, str, dict]:
     try:
         image = load_unit(row, ingest_dir, params)
         tensor = to_tensor(image, row["modality"], params, ranges.get(_group(row)))
+        lesions = _lesions_of(row, image, ingest_dir, params)
     except PreprocessError as exc:
         return None, str(exc), {}
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
         return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}", {}
     sample = image.array.ravel()[:: max(1, image.array.size // 4096)]
-    stats = {"spacing": [float(s) for s in image.spacing], "sample": sample.astype(np.float32)}
+    stats = {"spacing": [float(s) for s in image.spacing], "sample": sample.astype(np.float32), "lesions": lesions}
     return tensor.astype(np.float16), "", stats
+
+
+def _lesions_of(row: dict, image: Image, ingest_dir: Path, params: PreprocessParams) -> list[tuple[float, float, float]]:
+    """The ground-truth lesions of one manifest row (``row["lesions"]``: ingest's lesions.parquet rows)
+    as (row, col, radius) in tensor pixels; lesions outside the tensor's plane are left out."""
+    records = row.get("lesions") or []
+    if not records:
+        return []
+    if image.array.ndim == 2:
+        found = [lesion_in_tensor([LesionMark(r["row"], r["col"], r["radius_mm"], r["radius_px"])], image, params)
+                 for r in records]
+        return [f for f in found if f is not None]
+    marks = []
+    for r in records:
+        ds = pydicom.dcmread(ingest_dir / row["paths"][int(r["slice_index"])], stop_before_pixels=True)
+        marks.append(LesionMark(r["row"], r["col"], r["radius_mm"], r["radius_px"],
+                                tuple(float(v) for v in ds.ImagePositionPatient),
+                                tuple(float(v) for v in ds.ImageOrientationPatient),
+                                tuple(float(v) for v in ds.PixelSpacing)))
+    found = [lesion_in_tensor(group, image, params) for group in _one_lesion_each(marks)]
+    return [f for f in found if f is not None]
+
+
+def _one_lesion_each(marks: list[LesionMark]) -> list[list[LesionMark]]:
+    """Cross-sections grouped into lesions: a mark joins a lesion whose centre line (along the slice
+    normal) passes within the larger of their radii; the sidecar has one row per slice, not per lesion."""
+    groups: list[tuple[np.ndarray, float, list[LesionMark]]] = []
+    for mark in marks:
+        row_dir, col_dir = np.asarray(mark.orientation[:3], float), np.asarray(mark.orientation[3:6], float)
+        normal = np.cross(row_dir, col_dir)
+        point = (np.asarray(mark.position, float) + mark.col * mark.pixel_spacing[1] * row_dir
+                 + mark.row * mark.pixel_spacing[0] * col_dir)
+        on_line = point - (normal @ point) * normal
+        radius_mm = _mark_radius_mm(mark, mark.pixel_spacing)
+        for k, (line, radius, members) in enumerate(groups):
+            if np.linalg.norm(on_line - line) <= max(radius, radius_mm):
+                members.append(mark)
+                groups[k] = (line, max(radius, radius_mm), members)
+                break
+        else:
+            groups.append((on_line, radius_mm, [mark]))
+    return [members for _, _, members in groups]
 
 
 @dataclass
@@ -325,6 +522,7 @@ class PreprocessSummary:
     shape: list[int]
     by_label: dict[str, int]
     seconds: float
+    lesions: dict[str, int] = field(default_factory=dict)  # ground truth: images with it, lesions in the tensors
 
 
 def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
@@ -342,6 +540,9 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
         raise ValueError(f"{ingest_dir / 'manifest.parquet'}: no images to preprocess")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = manifest.to_dict("records")
+    ground_truth = _read_lesions(ingest_dir / "lesions.parquet")
+    for r in rows:
+        r["lesions"] = ground_truth.get(r["image_id"], [])
     shape = (len(rows), params.channels, params.size, params.size)
     tmp = out_dir / ".tensors.npy.tmp"
     tensors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
@@ -351,6 +552,7 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
     rejected: list[tuple[str, str]] = []
     spacings: dict[str, list] = {}
     samples: dict[str, list] = {}
+    lesion_rows: list[tuple] = []
     results = map_ordered(_one, rows, init=_init, init_args=(ingest_dir, params, ranges, parallel), params=fanout,
                           workers=params.workers, desc="preprocess", unit="image")
     for i, (tensor, reason, stats) in enumerate(results):
@@ -358,6 +560,7 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
             rejected.append((rows[i]["image_id"], reason))
             continue
         tensors[len(kept)] = tensor
+        lesion_rows += [(len(kept), rows[i]["image_id"], *lesion) for lesion in stats["lesions"]]
         kept.append(i)
         modality = rows[i]["modality"]
         spacings.setdefault(modality, []).append(stats["spacing"])
@@ -372,6 +575,11 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
     buffer = io.BytesIO()
     index.to_parquet(buffer, index=False)
     atomic_write_bytes(out_dir / "index.parquet", buffer.getvalue())
+    lesions = pd.DataFrame(lesion_rows, columns=list(LESION_COLUMNS)).astype(
+        {"row": "int64", "centre_row": "float64", "centre_col": "float64", "radius_px": "float64"})
+    buffer = io.BytesIO()
+    lesions.to_parquet(buffer, index=False)
+    atomic_write_bytes(out_dir / "lesions.parquet", buffer.getvalue())
     atomic_write_text(out_dir / "rejected.csv", csv_text(["image_id", "reason"], sorted(rejected)))
     fingerprint = {
         "images": len(index),
@@ -393,11 +601,29 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
     }
     atomic_write_text(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=2) + "\n")
     summary = PreprocessSummary(images=len(index), rejected=len(rejected), shape=[len(index), *shape[1:]],
-                                by_label=fingerprint["labels"], seconds=round(time.perf_counter() - started, 2))
+                                by_label=fingerprint["labels"], seconds=round(time.perf_counter() - started, 2),
+                                lesions=_lesion_counts(rows, kept, ground_truth, lesions))
     atomic_write_text(out_dir / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
     log.info("preprocess: %d images → %s, %d rejected, %.1fs", summary.images, summary.shape, summary.rejected,
              summary.seconds)
     return summary
+
+
+def _read_lesions(path: Path) -> dict[str, list[dict]]:
+    """Ingest's lesion ground truth by image_id (empty when the file is absent or has no rows)."""
+    if not path.exists():
+        return {}
+    table = pd.read_parquet(path)
+    return {image_id: group.to_dict("records") for image_id, group in table.groupby("image_id", sort=False)}
+
+
+def _lesion_counts(rows: list[dict], kept: list[int], ground_truth: dict[str, list[dict]],
+                   lesions: pd.DataFrame) -> dict[str, int]:
+    if not ground_truth:
+        return {}
+    with_truth = sum(1 for i in kept if rows[i]["image_id"] in ground_truth)
+    return {"images_with_ground_truth": with_truth, "images_with_lesion_in_tensor": int(lesions["row"].nunique()),
+            "lesions_in_tensor": len(lesions)}
 
 
 def _sample_values(row: dict) -> np.ndarray | None:

@@ -7,6 +7,8 @@ curves, the model card) plus the model and the image tensors, and writes to ``ou
   training history) and ``gradcam_tp.png``, ``gradcam_fp.png``, ``gradcam_fn.png``: Grad-CAM overlays
   on the test split's highest-scoring true and false positives and lowest-scoring false negatives;
 - ``figures/gradcam_examples.json``: which images those overlays show, in order;
+- with lesion ground truth (``lesions``): its circles drawn on the overlays, each map's maximum marked,
+  and the localisation hit rate that evaluate measured on all true positives beside them;
 - ``report.md`` with relative figure links, and ``report.html``, the same page with every figure
   inlined as a base64 data URI so the single file can be mailed or attached anywhere.
 
@@ -34,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Circle
 from PIL import Image
 
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
@@ -125,7 +128,7 @@ def _unit_range(maps: torch.Tensor) -> torch.Tensor:
 
 def build_report(out_dir: Path, *, metrics: dict, predictions: pd.DataFrame, history: list[dict] | None,
                  card: dict, model: torch.nn.Module, backbone: str, tensors: np.ndarray,
-                 n_examples: int = 3) -> dict[str, Path]:
+                 n_examples: int = 3, lesions: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write the figures, ``report.md`` and ``report.html`` of a binary classifier's evaluation.
 
     Args:
@@ -144,6 +147,8 @@ def build_report(out_dir: Path, *, metrics: dict, predictions: pd.DataFrame, his
         backbone: its backbone name (a key of :data:`GRADCAM_LAYERS`).
         tensors: (N, 3, H, W) images in [0, 1] (float16, possibly a memmap) that ``row`` indexes.
         n_examples: Grad-CAM examples per category.
+        lesions: ground truth in tensor pixels (``row``, ``centre_row``, ``centre_col``, ``radius_px``; see
+            :mod:`pipeline.lesions`), drawn as circles on the overlays; None: no ground truth.
 
     Returns:
         ``{"markdown", "html", "gradcam_examples"}`` and one entry per figure (``roc``, ``confusion``,
@@ -176,7 +181,11 @@ def build_report(out_dir: Path, *, metrics: dict, predictions: pd.DataFrame, his
         rows = examples[key]
         shown = slice(start, start + len(rows))
         captions = [f"{r.image_id[:8]}  score {r.score:.3f}" for r in rows.itertuples()]
-        drawn[f"gradcam_{key}"] = _gradcam_figure(f"{title} ({ranking})", images[shown], maps[shown], captions)
+        circles = None if lesions is None else [
+            lesions.loc[lesions["row"] == row, ["centre_row", "centre_col", "radius_px"]].to_numpy(float)
+            for row in rows["row"]]
+        drawn[f"gradcam_{key}"] = _gradcam_figure(f"{title} ({ranking})", images[shown], maps[shown], captions,
+                                                  circles)
         start += len(rows)
 
     paths: dict[str, Path] = {}
@@ -292,8 +301,13 @@ def _training_figure(history: list[dict]) -> Figure:
     return fig
 
 
-def _gradcam_figure(title: str, images: np.ndarray, maps: np.ndarray, captions: list[str]) -> Figure:
-    """One panel per (3, H, W) image: its channel mean in grey under its (H, W) map; a text panel if none."""
+def _gradcam_figure(title: str, images: np.ndarray, maps: np.ndarray, captions: list[str],
+                    circles: list[np.ndarray] | None = None) -> Figure:
+    """One panel per (3, H, W) image: its channel mean in grey under its (H, W) map; a text panel if none.
+
+    ``circles``: per image, (k, 3) ground-truth lesions (centre row, centre col, radius; tensor pixels),
+    drawn as white circles, with the map's maximum marked by a cross (the point the hit rate tests).
+    """
     fig = Figure(figsize=(2.5 * max(len(images), 1), 2.9), layout="constrained")
     fig.suptitle(title, fontsize=10)
     if not len(images):
@@ -304,6 +318,11 @@ def _gradcam_figure(title: str, images: np.ndarray, maps: np.ndarray, captions: 
     for k, ax in enumerate(np.atleast_1d(fig.subplots(1, len(images)))):
         ax.imshow(images[k].mean(0), cmap="gray", vmin=0, vmax=1)
         ax.imshow(maps[k], cmap="jet", vmin=0, vmax=1, alpha=0.6 * maps[k])  # cold areas keep the plain image
+        if circles is not None:
+            for centre_row, centre_col, radius in circles[k]:
+                ax.add_patch(Circle((centre_col, centre_row), radius, fill=False, edgecolor="white", linewidth=1.2))
+            peak_row, peak_col = np.unravel_index(int(np.argmax(maps[k])), maps[k].shape)
+            ax.plot(peak_col, peak_row, marker="x", color="white", markersize=6, markeredgewidth=1.5)
         ax.set_title(captions[k], fontsize=8, family="monospace")
         ax.set_axis_off()
     return fig
@@ -396,6 +415,7 @@ def _markdown(title: str, metrics: dict, negative: str, positive: str, history: 
               "that a prediction is right.*", "",
               f"Heat maps of the **{_cell(positive)}** score from layer `{GRADCAM_LAYERS[backbone]}`, "
               "over the image's channel mean; captions give the image id prefix and the score.", ""]
+    lines += _localisation_text(test.get("localisation"), level)
     for key, name, ranking in CATEGORIES:
         found = examples[key]
         note = f"{len(found)} shown, {ranking} first." if len(found) else "None in the test split."
@@ -406,6 +426,19 @@ def _markdown(title: str, metrics: dict, negative: str, positive: str, history: 
               "Images are identified only by pseudonymised keys (image id prefixes); no names, identifiers, dates "
               "or other identifying DICOM header values appear in this report.", ""]
     return "\n".join(lines)
+
+
+def _localisation_text(found: dict | None, level: str) -> list[str]:
+    """The localisation hit rate paragraph (nothing without lesion ground truth)."""
+    if not found:
+        return []
+    rate = "–" if found["hit_rate"] is None else f"{found['hit_rate']:.3f}"
+    ci = "" if found.get("ci_low") is None else f" [{found['ci_low']:.3f}, {found['ci_high']:.3f}] ({level})"
+    return [f"**Localisation: hit rate {rate}{ci}** — the Grad-CAM maximum lies inside the ground-truth lesion on "
+            f"{found['n_hits']} of {found['n_images']} true-positive test images with ground truth "
+            f"({found['n_true_positives']} true positives in all; {found['n_patients']} patients; "
+            f"CI: {found.get('ci_method', 'patient bootstrap')}). White circles: ground truth; white cross: the "
+            "map's maximum.", ""]
 
 
 def _card_summary(card: dict) -> list[str]:

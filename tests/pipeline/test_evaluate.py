@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline import evaluate, metrics, models, train
+from pipeline import evaluate, lesions, metrics, models, train
 
 TINY_TRAIN = train.TrainParams(epochs=2, batch_size=8, patience=0, workers=0, device="cpu", channels_last=False)
 PARAMS = evaluate.EvaluateParams(n_boot=100, device="cpu")
@@ -105,3 +105,101 @@ def test_the_summary_table_shows_each_metric_with_its_ci(evaluated):
     lo, hi = result["test"]["auc_ci"]
     assert f"| AUC | {result['test']['auc']:.3f} | [{lo:.3f}, {hi:.3f}] |" in table
     assert f"| {result['test']['n_images']} / {result['test']['n_patients']} |" in table
+
+
+# --------------------------------------------------------------------------------------------------
+# lesion ground truth: Grad-CAM localisation
+
+
+def test_hits_and_hit_rate_on_known_maps():
+    maps = np.zeros((3, 16, 16), np.float32)
+    maps[0, 4, 5] = maps[1, 12, 12] = 1.0  # image 2: flat, peaks at (0, 0)
+    table = pd.DataFrame({"row": [7, 8, 8, 9], "image_id": ["a", "b", "b", "c"], "centre_row": [4.0, 2.0, 10.0, 8.0],
+                          "centre_col": [7.0, 2.0, 10.0, 8.0], "radius_px": [2.0, 1.0, 2.9, 3.0]})
+    hit = lesions.hits(maps, np.array([7, 8, 9]), table)
+    assert hit.tolist() == [True, True, False]  # on the rim; inside the second of two lesions; flat map misses
+    found = lesions.hit_rate(hit, np.array(["p1", "p2", "p3"]), n_boot=200, seed=0, alpha=0.05)
+    assert found["hit_rate"] == pytest.approx(2 / 3) and found["n_images"] == 3 and found["n_hits"] == 2
+    assert 0 <= found["ci_low"] <= found["hit_rate"] <= found["ci_high"] <= 1
+    assert lesions.hit_rate(hit[:1], np.array(["p1"]), n_boot=10, seed=0, alpha=0.05)["ci_low"] is None
+
+
+def test_localisation_counts_every_true_positive_and_changes_no_other_metric(evaluated, trained, tiny_images,
+                                                                             tmp_path, monkeypatch):
+    from pipeline import report
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny_images[0], images)
+    index = pd.read_parquet(images / "index.parquet")
+    positives = index[index["label"] == "lesion"]
+    # ground truth on every positive image: a lesion of radius 3 at (6, 6); the negatives carry one too,
+    # which must change nothing (ground truth is never a label)
+    table = pd.DataFrame({"row": index["row"], "image_id": index["image_id"], "centre_row": 6.0, "centre_col": 6.0,
+                          "radius_px": 3.0})
+    table.to_parquet(images / "lesions.parquet")
+
+    tensors = np.load(images / "tensors.npy").astype(np.float32)
+    seen: list[int] = []
+
+    def fake_gradcam(model, backbone, batch, class_index):  # even rows peak on the lesion, odd rows far from it
+        maps = np.zeros((len(batch), *batch.shape[2:]), np.float32)
+        for k, image in enumerate(batch.numpy()):
+            row = int(np.flatnonzero((tensors == image).all(axis=(1, 2, 3)))[0])
+            at = 6 if row % 2 == 0 else 26
+            maps[k, at, at] = 1.0
+            seen.append(row)
+        return maps
+
+    monkeypatch.setattr(report, "gradcam", fake_gradcam)
+    out = tmp_path / "out"
+    evaluate.run(PARAMS, trained, images, tiny_images[1], out, report=False)
+
+    with_truth = json.loads((out / "metrics.json").read_text())
+    without = json.loads((evaluated[0] / "metrics.json").read_text())
+    found = with_truth["test"].pop("localisation")
+    for key in ("localisation_hit_rate", "localisation_hit_rate_ci", "localisation_hit_rate_ci_lo",
+                "localisation_hit_rate_ci_hi"):
+        with_truth["test"].pop(key)
+    assert with_truth == without, "ground truth changed a metric other than localisation"
+    assert (out / "predictions.csv").read_text() == (evaluated[0] / "predictions.csv").read_text()
+
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"image_id": str})
+    test = predictions[predictions["split"] == "test"].merge(index[["image_id", "row"]], on="image_id")
+    true_positive = test[(test["y_true"] == 1) & (test["predicted"] == 1)]
+    assert len(true_positive) >= 1, "the tiny model should find a lesion"
+    assert found["n_images"] == found["n_true_positives"] == len(true_positive)
+    assert sorted(seen) == sorted(true_positive["row"]), "Grad-CAM on exactly the true positives"
+    assert set(true_positive["image_id"]) <= set(positives["image_id"])
+    assert found["n_hits"] == int((true_positive["row"] % 2 == 0).sum())
+    assert found["hit_rate"] == pytest.approx((true_positive["row"] % 2 == 0).mean())
+    assert found["layer"] == report.GRADCAM_LAYERS["efficientnet-lite0"]
+
+
+def test_localisation_on_a_constructed_test_split(monkeypatch):
+    """Only true positives with ground truth count; each is a hit when its map peaks inside its lesion."""
+    from pipeline import report
+
+    # rows 0-5 true positives (row 5 without ground truth), 6 a false negative, 7 a false positive
+    test = pd.DataFrame({"row": range(8), "patient_key": ["A", "A", "B", "C", "D", "E", "F", "G"],
+                         "y_true": [1, 1, 1, 1, 1, 1, 1, 0], "predicted": [1, 1, 1, 1, 1, 1, 0, 1]})
+    truth = pd.DataFrame({"row": [0, 1, 2, 3, 4, 6, 7], "image_id": list("abcdefg"), "centre_row": 10.0,
+                          "centre_col": 12.0, "radius_px": 4.0})
+    peaks = {0: (10, 12), 1: (13, 12), 2: (10, 16), 3: (10, 17), 4: (30, 30), 6: (10, 12), 7: (10, 12)}
+    scored: list[int] = []
+
+    def fake_gradcam(model, backbone, batch, class_index):
+        rows = [int(v) for v in batch[:, 0, 0, 0]]  # the test tensors carry their row in pixel (0, 0)
+        scored.extend(rows)
+        maps = np.zeros((len(batch), 32, 32), np.float32)
+        for k, row in enumerate(rows):
+            maps[k][peaks[row]] = 1.0
+        return maps
+
+    monkeypatch.setattr(report, "gradcam", fake_gradcam)
+    tensors = np.zeros((8, 3, 32, 32), np.float32)
+    tensors[:, 0, 0, 0] = np.arange(8)
+    found = evaluate._localisation(None, "efficientnet-lite0", test, truth, tensors, PARAMS, 0.05)
+    assert sorted(scored) == [0, 1, 2, 3, 4]
+    assert (found["n_images"], found["n_hits"], found["n_true_positives"], found["n_patients"]) == (5, 3, 6, 4)
+    assert found["hit_rate"] == pytest.approx(0.6)  # hits: on the centre, 3 px and 4 px (the rim) away
+    assert 0 <= found["ci_low"] <= 0.6 <= found["ci_high"] <= 1

@@ -458,3 +458,76 @@ def test_a_series_with_two_orientations_is_inconsistent():
     files = [(f"f{i}", _slice(z)) for i, z in enumerate([0, 2.5, 5])]
     files.append(("f3", _slice(7.5, orientation=(0, 1, 0, 0, 0, -1))))
     assert "orientations" in ingest._check_volume(files, ingest.IngestParams())[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# lesion ground truth
+
+
+def _lesion_tree(raw: Path) -> tuple[list[Dataset], Dataset, Dataset]:
+    """A radiograph, a 4-slice CT series and a burned-in (rejected) instance, one patient."""
+    raw.mkdir()
+    study = generate_uid()
+    series = generate_uid()
+    slices = [_write_instance(raw / f"ct{k}.dcm", StudyInstanceUID=study, SeriesInstanceUID=series,
+                              ImagePositionPatient=[0.0, 0.0, 2.5 * k], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+                              PixelSpacing=[0.8, 0.8]) for k in (2, 0, 3, 1)]  # file names against slice order
+    radiograph = _write_instance(raw / "dx.dcm", Modality="DX", StudyInstanceUID=study)
+    burned = _write_instance(raw / "burned.dcm", Modality="DX", BurnedInAnnotation="YES")
+    return slices, radiograph, burned
+
+
+def test_lesion_sidecar_is_written_under_pseudonymised_keys_and_never_labels(tmp_path, caplog):
+    slices, radiograph, burned = _lesion_tree(tmp_path / "raw")
+    raw = tmp_path / "raw"
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n" + "".join(f"{p.name},normal\n" for p in sorted(raw.iterdir())))
+    sidecar = raw / "lesions.csv"  # beside the images, as synth writes it: not an input file
+    rows = [(radiograph, 3.0, 5.0, 2.0, 1.6), (slices[0], 4.0, 4.5, 2.5, 2.0), (slices[3], 4.0, 4.5, 1.5, 1.2),
+            (burned, 1.0, 1.0, 1.0, 1.0)]
+    sidecar.write_text(
+        ",".join(ingest.LESION_COLUMNS) + "\n"
+        + "".join(f"{d.StudyInstanceUID},{d.SeriesInstanceUID},{d.SOPInstanceUID},{r},{c},{rp},{rm}\n"
+                  for d, r, c, rp, rm in rows)
+        + f"{radiograph.StudyInstanceUID},{radiograph.SeriesInstanceUID},1.2.3.999,1,1,1,1\n")  # no such instance
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="pipeline.ingest"):
+        summary = ingest.run(ingest.IngestParams(workers=1), raw, labels, out, key=TEST_KEY, lesions_csv=sidecar)
+    assert summary.files_seen == 6 and "lesions.csv" not in _rejected(out)
+    assert summary.lesions == {"rows": 5, "kept": 3, "dropped": 2}
+    assert "2 dropped" in caplog.text
+
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    table = pd.read_parquet(out / "lesions.parquet")
+    assert list(table.columns) == list(ingest.LESION_OUTPUT_COLUMNS) and len(table) == 3
+    volume = manifest[manifest["unit"] == "volume"].iloc[0]
+    on_volume = table[table["image_id"] == volume["image_id"]]
+    # slice_index points into the manifest's paths, ordered by position (slice 0 is at z = 5, slice 3 at z = 2.5)
+    assert list(on_volume["slice_index"]) == [1, 2]
+    assert [volume["sop_instance_uids"][k] for k in on_volume["slice_index"]] == list(on_volume["sop_instance_uid"])
+    assert list(on_volume["radius_px"]) == [1.5, 2.5] and list(on_volume["row"]) == [4.0, 4.0]
+    flat = manifest[manifest["unit"] == "2d"].iloc[0]
+    assert table[table["image_id"] == flat["image_id"]][["row", "col", "radius_mm"]].values.tolist() == [[3.0, 5.0, 1.6]]
+    assert set(table["patient_key"]) == set(manifest["patient_key"])
+    # no original UID anywhere in the output, and the manifest is the same as without a sidecar
+    blob = (out / "lesions.parquet").read_bytes()
+    originals = {str(getattr(d, k)) for d in [*slices, radiograph, burned]
+                 for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    assert not [uid for uid in originals if uid.encode() in blob]
+    plain = ingest.run(ingest.IngestParams(workers=1), raw, labels, tmp_path / "plain", key=TEST_KEY,
+                       lesions_csv=None)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "plain" / "manifest.parquet"), manifest)
+    assert plain.lesions == {} and len(pd.read_parquet(tmp_path / "plain" / "lesions.parquet")) == 0
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("study_instance_uid,sop_instance_uid,row,col\n", "needs exactly the columns"),
+    ("study_instance_uid,series_instance_uid,sop_instance_uid,row,col,radius_px,radius_mm\n1,2,3,a,1,1,1\n",
+     r"lesions.csv:2: row, col"),
+    ("study_instance_uid,series_instance_uid,sop_instance_uid,row,col,radius_px,radius_mm\n1,2,3,1,1,0,1\n",
+     r"lesions.csv:2: .*radii positive"),
+])
+def test_bad_lesions_file_names_the_file_and_problem(tmp_path, content, message):
+    (tmp_path / "lesions.csv").write_text(content)
+    with pytest.raises(ingest.LabelsError, match=message):
+        ingest.read_lesions(tmp_path / "lesions.csv", deid.Pseudonymizer(TEST_KEY))

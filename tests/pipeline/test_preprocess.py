@@ -169,3 +169,120 @@ def test_stage_on_the_synthetic_cohort(ingested, tmp_path):
     preprocess.run(replace(params, workers=1), ingest_dir, tmp_path / "b")
     assert (tmp_path / "a" / "tensors.npy").read_bytes() == (tmp_path / "b" / "tensors.npy").read_bytes()
     pd.testing.assert_frame_equal(index, pd.read_parquet(tmp_path / "b" / "index.parquet"))
+
+
+# --------------------------------------------------------------------------------------------------
+# lesion ground truth: the same geometry as the pixels
+
+
+def _disc_centre(plane: np.ndarray) -> tuple[float, float, float]:
+    """(row, col, radius) of the bright disc in a (H, W) tensor plane: centroid and sqrt(area / pi)."""
+    mask = plane > 0.5
+    rows, cols = np.nonzero(mask)
+    return float(rows.mean()), float(cols.mean()), float(np.sqrt(mask.sum() / np.pi))
+
+
+def test_lesion_on_a_2d_image_with_non_square_pixels_lands_on_its_disc(tmp_path):
+    rows, cols, row_mm, col_mm = 40, 60, 0.5, 1.0  # 20 mm high, 60 mm wide: padded top and bottom
+    centre, radius_mm = (15.0, 42.0), 5.0
+    yy, xx = np.mgrid[:rows, :cols]
+    disc = ((yy - centre[0]) * row_mm) ** 2 + ((xx - centre[1]) * col_mm) ** 2 <= radius_mm ** 2  # an ellipse in pixels
+    _ct_file(tmp_path / "cr.dcm", np.where(disc, 3000.0, 500.0), signed=False, intercept=0, modality="CR",
+             spacing=(row_mm, col_mm))
+    params = PreprocessParams(size=64, channels=1, window={"default": "percentile"}, percentiles=(0.0, 100.0))
+    image = preprocess.read_2d(tmp_path / "cr.dcm")
+    tensor = preprocess.to_tensor(image, "CR", params)
+    mapped = preprocess.lesion_in_tensor([preprocess.LesionMark(*centre, radius_mm)], image, params)
+    found = _disc_centre(tensor[0])
+    assert mapped[0] == pytest.approx(found[0], abs=1.0) and mapped[1] == pytest.approx(found[1], abs=1.0)
+    assert mapped[2] == pytest.approx(found[2], abs=1.0) and mapped[2] == pytest.approx(radius_mm * 64 / 60)
+
+
+def _sphere_series(folder: Path, centre_mm, radius_mm: float, n: int = 12, size: int = 20, pixel_mm: float = 0.8,
+                   step: float = 2.0, origin=(-10.0, 30.0, -100.0)) -> list[preprocess.LesionMark]:
+    """An axial series with a sphere of +100 HU in air; the sidecar-like marks of the slices it cuts."""
+    uid = generate_uid()
+    yy, xx = np.mgrid[:size, :size]
+    marks = []
+    for k in range(n):
+        position = (origin[0], origin[1], origin[2] + step * k)
+        dz = position[2] - centre_mm[2]
+        x, y = origin[0] + xx * pixel_mm, origin[1] + yy * pixel_mm
+        inside = (x - centre_mm[0]) ** 2 + (y - centre_mm[1]) ** 2 + dz ** 2 <= radius_mm ** 2
+        _ct_file(folder / f"IM{k}", np.where(inside, 100.0, -1000.0), signed=True, intercept=-1024,
+                 position=position, spacing=(pixel_mm, pixel_mm), series_uid=uid)
+        if abs(dz) < radius_mm:
+            marks.append(preprocess.LesionMark((centre_mm[1] - origin[1]) / pixel_mm, (centre_mm[0] - origin[0]) / pixel_mm,
+                                               float(np.sqrt(radius_mm ** 2 - dz ** 2)), position=position,
+                                               orientation=(1, 0, 0, 0, 1, 0), pixel_spacing=(pixel_mm, pixel_mm)))
+    return marks
+
+
+def test_lesion_in_a_ct_volume_lands_on_its_key_slice_disc(tmp_path):
+    # 12 slices 2 mm apart from z = -100; resampled to 2.5 mm: 10 slices, the key slice (5) at z = -87.5
+    centre, radius_mm = (-1.6, 38.0, -89.0), 5.0
+    marks = _sphere_series(tmp_path, centre, radius_mm)
+    params = PreprocessParams(size=32, channels=1, window={"CT": "lung"}, spacing_mm=(1.5, 1.5, 2.5))
+    image = preprocess.read_volume([tmp_path / f"IM{k}" for k in range(12)], params.spacing_mm)
+    tensor = preprocess.to_tensor(image, "CT", params)
+    mapped = preprocess.lesion_in_tensor(marks, image, params)
+    found = _disc_centre(tensor[0])
+    assert mapped[0] == pytest.approx(found[0], abs=1.0) and mapped[1] == pytest.approx(found[1], abs=1.0)
+    key_z = image.origin[2] + (image.array.shape[0] // 2) * image.spacing[2]
+    cross_section_mm = np.sqrt(radius_mm ** 2 - (key_z - centre[2]) ** 2)
+    box = preprocess.fit_box(*image.array.shape[1:], image.spacing[:2], params.size)
+    assert mapped[2] == pytest.approx(cross_section_mm * box.scale, rel=0.02)
+    assert mapped[2] == pytest.approx(found[2], abs=1.0)
+    # one mark alone: the sphere is taken as centred on that slice
+    alone = preprocess.lesion_in_tensor([marks[len(marks) // 2]], image, params)
+    assert alone[:2] == pytest.approx(mapped[:2], abs=0.5)
+
+
+def test_a_lesion_off_the_key_slice_is_dropped_but_a_mip_slab_keeps_it(tmp_path):
+    centre, radius_mm = (-1.6, 38.0, -96.0), 3.0  # far below the key slice at z = -87.5
+    marks = _sphere_series(tmp_path, centre, radius_mm)
+    params = PreprocessParams(size=32, channels=1, spacing_mm=(1.5, 1.5, 2.5))
+    image = preprocess.read_volume([tmp_path / f"IM{k}" for k in range(12)], params.spacing_mm)
+    assert preprocess.lesion_in_tensor(marks, image, params) is None
+    assert preprocess.lesion_in_tensor(marks, image, replace(params, reduce_3d="2.5d")) is None
+    mip = replace(params, reduce_3d="mip", slab_mm=20.0)  # slab: slices 1..9, z -97.5 .. -77.5
+    mapped = preprocess.lesion_in_tensor(marks, image, mip)
+    box = preprocess.fit_box(*image.array.shape[1:], image.spacing[:2], mip.size)
+    assert mapped is not None and mapped[2] == pytest.approx(radius_mm * box.scale, rel=0.02)
+    found = _disc_centre(preprocess.to_tensor(image, "CT", mip)[0])
+    assert mapped[0] == pytest.approx(found[0], abs=1.0) and mapped[1] == pytest.approx(found[1], abs=1.0)
+
+
+def test_stage_carries_ingested_lesions_to_tensor_rows(tmp_path):
+    from pipeline import ingest
+    from tests.conftest import TEST_KEY
+
+    raw = tmp_path / "raw"
+    (raw / "ct").mkdir(parents=True)
+    marks = _sphere_series(raw / "ct", (-1.6, 38.0, -89.0), 5.0)
+    yy, xx = np.mgrid[:40, :60]
+    disc = ((yy - 15) * 0.5) ** 2 + ((xx - 42) * 1.0) ** 2 <= 25
+    _ct_file(raw / "cr.dcm", np.where(disc, 3000.0, 500.0), signed=False, intercept=0, modality="CR", spacing=(0.5, 1.0))
+    files = sorted(p for p in raw.rglob("*") if p.is_file())
+    (tmp_path / "labels.csv").write_text("file,label\n" + "".join(f"{p.relative_to(raw).as_posix()},lesion\n" for p in files))
+    headers = {p.name: pydicom.dcmread(p, stop_before_pixels=True) for p in files}
+    by_z = {float(h.ImagePositionPatient[2]): h for h in headers.values() if h.Modality == "CT"}
+    lines = [(headers["cr.dcm"], 15.0, 42.0, 7.07, 5.0)]  # non-square pixels: the radius in mm is used
+    lines += [(by_z[m.position[2]], m.row, m.col, m.radius_mm / 0.8, m.radius_mm) for m in marks]
+    (tmp_path / "lesions.csv").write_text(",".join(ingest.LESION_COLUMNS) + "\n" + "".join(
+        f"{h.StudyInstanceUID},{h.SeriesInstanceUID},{h.SOPInstanceUID},{r},{c},{rp},{rm}\n" for h, r, c, rp, rm in lines))
+    ingest.run(ingest.IngestParams(workers=1), raw, tmp_path / "labels.csv", tmp_path / "ingest", key=TEST_KEY,
+               lesions_csv=tmp_path / "lesions.csv")
+    params = PreprocessParams(size=32, channels=1, workers=1, window={"CT": "lung", "default": "percentile"},
+                              percentiles=(0.0, 100.0))
+    summary = preprocess.run(params, tmp_path / "ingest", tmp_path / "out")
+    tensors = np.load(tmp_path / "out" / "tensors.npy").astype(np.float32)
+    index = pd.read_parquet(tmp_path / "out" / "index.parquet")
+    table = pd.read_parquet(tmp_path / "out" / "lesions.parquet")
+    assert list(table.columns) == list(preprocess.LESION_COLUMNS) and len(table) == 2 == len(index)
+    assert summary.lesions == {"images_with_ground_truth": 2, "images_with_lesion_in_tensor": 2, "lesions_in_tensor": 2}
+    assert dict(zip(table["row"], table["image_id"])) == dict(zip(index["row"], index["image_id"]))
+    for lesion in table.itertuples():
+        found = _disc_centre(tensors[lesion.row, 0])
+        assert (lesion.centre_row, lesion.centre_col) == pytest.approx(found[:2], abs=1.0), index.loc[lesion.row, "unit"]
+        assert lesion.radius_px == pytest.approx(found[2], abs=1.0)

@@ -191,3 +191,22 @@ def test_gradcam_hot_spots_are_the_highest_raw_values_and_flat_maps_are_zero(mod
 def test_gradcam_names_an_unknown_backbone():
     with pytest.raises(ValueError, match="resnet50"):
         report.gradcam(torch.nn.Identity(), "resnet50", torch.zeros(1, 3, 32, 32), class_index=1)
+
+
+def test_ground_truth_circles_and_the_hit_rate_sit_beside_the_overlays(model, tensors, tmp_path, built):
+    predictions = make_predictions()
+    result = make_metrics(predictions)
+    result["test"]["localisation"] = {"hit_rate": 0.75, "ci_low": 0.25, "ci_high": 1.0, "n_images": 4, "n_hits": 3,
+                                      "n_patients": 3, "n_true_positives": 4, "ci_method": "patient bootstrap",
+                                      "layer": report.GRADCAM_LAYERS["efficientnet-lite0"]}
+    truth = pd.DataFrame({"row": predictions["row"], "image_id": predictions["image_id"], "centre_row": 10.0,
+                          "centre_col": 20.0, "radius_px": 5.0})
+    paths = report.build_report(tmp_path, metrics=result, predictions=predictions, history=HISTORY, card=CARD,
+                                model=model, backbone="efficientnet-lite0", tensors=tensors, lesions=truth)
+    text = paths["markdown"].read_text()
+    assert "**Localisation: hit rate 0.750 [0.250, 1.000] (95% CI)**" in text
+    assert "3 of 4 true-positive test images" in text
+    assert text.index("## Grad-CAM examples") < text.index("Localisation: hit rate") < text.index("### True positives")
+    with_circles = paths["gradcam_tp"].read_bytes()
+    assert with_circles.startswith(PNG_MAGIC) and with_circles != (built[0] / "figures/gradcam_tp.png").read_bytes()
+    assert "Localisation" not in built[1]["markdown"].read_text(), "no ground truth: no localisation text"
