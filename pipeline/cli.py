@@ -41,8 +41,10 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     params = load_section(ingest.IngestParams, args.params, "ingest", workers=args.workers)
     fanout = load_section(FanoutParams, args.params, "fanout", runner=args.runner)
     try:
+        lesions = None if args.lesions in (None, "", "none", "None") else Path(args.lesions)
         summary = ingest.run(params, Path(args.input), Path(args.labels), Path(args.out),
-                             quarantine_dir=Path(args.quarantine) if args.quarantine else None, fanout=fanout)
+                             quarantine_dir=Path(args.quarantine) if args.quarantine else None, fanout=fanout,
+                             lesions_csv=lesions)
     except (deid.KeyMissingError, ingest.LabelsError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
@@ -260,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ingest", help="classify, de-identify and index a DICOM tree")
     p.add_argument("--input", required=True, help="DICOM export directory (params data.raw_dir)")
     p.add_argument("--labels", required=True, help="labels CSV (params data.labels)")
+    p.add_argument("--lesions", metavar="CSV", help="lesion ground-truth sidecar for Grad-CAM localisation, never a "
+                                                    "label (params data.lesions; default or 'none': none)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quarantine", help="directory to link rejected files into (keep it out of DVC outputs)")
     p.add_argument("--workers", type=int, help="processes (params ingest.workers; 0 = all cores)")
