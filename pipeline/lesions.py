@@ -30,6 +30,8 @@ def read(images_dir: Path) -> pd.DataFrame | None:
 
 def peaks(maps: np.ndarray) -> np.ndarray:
     """(N, 2) (row, col) of each (H, W) map's maximum (the first one in row-major order on ties)."""
+    if not len(maps):
+        return np.zeros((0, 2), dtype=np.int64)
     flat = maps.reshape(len(maps), -1).argmax(axis=1)
     return np.stack(np.unravel_index(flat, maps.shape[1:]), axis=1)
 

@@ -122,6 +122,9 @@ def test_hits_and_hit_rate_on_known_maps():
     assert found["hit_rate"] == pytest.approx(2 / 3) and found["n_images"] == 3 and found["n_hits"] == 2
     assert 0 <= found["ci_low"] <= found["hit_rate"] <= found["ci_high"] <= 1
     assert lesions.hit_rate(hit[:1], np.array(["p1"]), n_boot=10, seed=0, alpha=0.05)["ci_low"] is None
+    none = lesions.hit_rate(lesions.hits(maps[:0], np.array([], int), table), np.array([]), n_boot=10, seed=0,
+                            alpha=0.05)
+    assert none["hit_rate"] is None and none["n_images"] == 0  # no true positive with ground truth
 
 
 def test_localisation_counts_every_true_positive_and_changes_no_other_metric(evaluated, trained, tiny_images,

@@ -255,16 +255,19 @@ def test_incremental_rerun_after_new_arrivals_equals_full_run(tmp_path):
     cohort = tmp_path / "synth"
     synth.run(synth.SynthParams(patients=12, seed=3), cohort)
     out = tmp_path / "incremental"
-    first = ingest.run(ingest.IngestParams(workers=2), cohort, cohort / "labels.csv", out, key=TEST_KEY)
+    sidecars = {"key": TEST_KEY, "lesions_csv": cohort / "lesions.csv"}  # as dvc.yaml runs it (synth rewrites the sidecar)
+    first = ingest.run(ingest.IngestParams(workers=2), cohort, cohort / "labels.csv", out, **sidecars)
     n_before = first.files_seen
     synth.add(cohort, 3)
-    second = ingest.run(ingest.IngestParams(workers=2), cohort, cohort / "labels.csv", out, key=TEST_KEY)
+    second = ingest.run(ingest.IngestParams(workers=2), cohort, cohort / "labels.csv", out, **sidecars)
     assert second.files_seen > n_before
     assert second.run["new_files"] == second.files_seen - n_before, "old files were processed again"
 
     full_out = tmp_path / "full"
-    full = ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", full_out, key=TEST_KEY)
+    full = ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", full_out, **sidecars)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), pd.read_parquet(full_out / "manifest.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "lesions.parquet"), pd.read_parquet(full_out / "lesions.parquet"))
+    assert second.lesions["kept"] > first.lesions["kept"] > 0
     assert (out / "rejected.csv").read_text() == (full_out / "rejected.csv").read_text()
     assert _outputs(out) == _outputs(full_out)
     assert {k: v for k, v in vars(second).items() if k != "run"} == {k: v for k, v in vars(full).items() if k != "run"}
