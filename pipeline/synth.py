@@ -31,13 +31,13 @@ the back, soft tissue with fine grain, lungs with a gravity gradient and a fine 
 parenchymal texture, heart, aorta, spine, sternum and oblique ribs. Radiographs (PA and lateral):
 projected tissue and lung thickness, posterior and anterior ribs, clavicles, spine, arms, the
 projected vessel tree and a correlated interstitial texture, vendor-like unsharp masking, blur and
-quantum noise. Nodules: CT radius 4-16 mm (mostly >= 5.5 mm, i.e. >= 3 px when the field of view is
-shown at 224 px), solid (-40..+60 HU) or, one in five, part-solid / ground glass (-550..-250 HU);
-radiographs radius 5-16 mm (mostly >= 6 mm) with a density of 0.35-1 times soft tissue, anywhere in
+quantum noise. Nodules: CT radius 5-17 mm (mostly >= 6.5 mm, i.e. >= 3 px when the field of view is
+shown at 160 px), solid (-40..+60 HU) or, one in five, part-solid / ground glass (-550..-250 HU);
+radiographs radius 6-18 mm (mostly >= 8 mm) with a density of 0.35-1 times soft tissue, anywhere in
 the lung fields (over ribs and vessels too).
 
 **Where the CT lesion is.** The CT lesion is a roughly spherical soft-tissue nodule (-100..+60 HU,
-radius 4-15 mm) inside a lung. Its centre lies within ±0.1·r of the midpoint of the series' slice
+radius 5-17 mm) inside a lung. Its centre lies within ±0.1·r of the midpoint of the series' slice
 range by position (r = nodule radius), which is well inside the central 20 % of the slice range,
 so the middle slice by position (for an even slice count, both middle slices) cuts through the
 nodule and a maximum-intensity projection over the slab shows it.
@@ -652,9 +652,9 @@ def _in_ct_lung(g: CTGeometry, x, y, z, margin=0.0):
 
 
 def _plan_ct_lesion(r: np.random.Generator, g: CTGeometry) -> Lesion:
-    # radius 4-16 mm, mostly >= 5.5 mm (>= 3 px once a 350-400 mm field of view is shown at 224 px);
+    # radius 5-17 mm, mostly >= 6.5 mm (>= 3 px once a 350-400 mm field of view is shown at 160 px);
     # most nodules are solid (-40..+60 HU), one in five is part-solid / ground glass (-550..-250 HU)
-    radius = 4.0 + 12.0 * r.beta(1.6, 2.6)
+    radius = 6.0 + 14.0 * r.beta(1.6, 2.6)
     strength = float(r.uniform(-550, -250)) if r.random() < 0.2 else float(r.uniform(-40, 60))
     z_fraction = r.uniform(-0.1, 0.1)  # centre within ±0.1 r of the slab midpoint (module docstring)
     x, y = g.lungs[0][0], g.lungs[0][1]
@@ -709,8 +709,8 @@ def _inside_lung_proj(g: ProjGeometry, x: float, y: float, margin: float) -> boo
 
 
 def _plan_proj_lesion(r: np.random.Generator, g: ProjGeometry) -> Lesion:
-    # radius 5-16 mm, mostly >= 6 mm (>= 3 px once a ~430 mm detector is shown at 224 px)
-    radius = 5.0 + 11.0 * r.beta(1.5, 2.4)
+    # radius 6-18 mm, mostly >= 8 mm: nodules below ~8 mm are rarely seen on radiographs at all
+    radius = 8.0 + 16.0 * r.beta(1.5, 2.4)
     lx, ly, lw, lh = g.lung
     x, y = -lx, ly
     for _ in range(500):
@@ -1190,7 +1190,7 @@ def _band(d: np.ndarray, half_width: float) -> np.ndarray:
 
 
 _PRESENTATION_GAIN = 1.0
-_LESION_GAIN = 1.8  # a nodule is dense soft tissue (denser than the partial-volume lung it displaces)
+_LESION_GAIN = 3.5  # a nodule is dense soft tissue (denser than the partial-volume lung it displaces)
 
 
 def _large_blur(img: np.ndarray, block: int) -> np.ndarray:

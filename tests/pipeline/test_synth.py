@@ -441,7 +441,7 @@ def test_lesion_sidecar_points_at_the_nodule_in_every_view(clean):
         group = "CT" if ds.Modality == "CT" else "XR"
         contrast[group].append(_centre_contrast(values, float(r["row"]), float(r["col"]), radius))
     assert len(contrast["CT"]) >= 5 and len(contrast["XR"]) >= 3
-    assert np.mean(np.array(contrast["CT"]) > 150) >= 0.9, contrast["CT"]  # HU above the lung around it
+    assert np.mean(np.array(contrast["CT"]) > 150) >= 0.85, contrast["CT"]  # HU above the lung (partial-volume caps aside)
     assert np.mean(np.array(contrast["XR"]) > 0) >= 0.8, contrast["XR"]
 
 
@@ -507,7 +507,7 @@ def test_ct_hu_for_every_storage_variant_and_lesion_in_the_middle_slice(clean):
         for middle in {(n - 1) // 2, n // 2}:  # both middle slices by position
             assert hu[middle][window].max() - lung > 200
         assert hu.max(axis=0)[window].max() - lung > 250  # and in a MIP over the slab
-        assert -550 <= st.lesion.strength <= 60 and 4 <= st.lesion.radius <= 16
+        assert -550 <= st.lesion.strength <= 60 and 4 <= st.lesion.radius <= 20
         # centre within the central 20 % of the slice range (z: mm from the slab midpoint)
         assert abs(st.lesion.z) <= 0.1 * (n - 1) * float(ds0.SpacingBetweenSlices)
     assert variants == {(1, 16, 1.0, 0.0), (0, 12, 1.0, -1024.0), (1, 16, 1.0, -1024.0), (0, 16, 0.5, -1024.0)}
