@@ -43,13 +43,23 @@ from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-#: Grad-CAM target layer per backbone, as named by ``Classifier.named_modules()``. EfficientNet: the
-#: head's batch norm (the last feature map; the activation after it, ``net._swish``, is one module
-#: reused by the stem, so hooks on it would mix two layers). DenseNet: the ReLU after ``norm5``; hooking
-#: ``norm5`` itself fails because that ReLU then modifies the hooked output in place.
+#: Grad-CAM target layer per backbone, as named by ``Classifier.named_modules()``: the one place to change it.
+#: EfficientNet: the output of stage 5 (``net._blocks.4``, the last stride-16 stage: 14 x 14 at 224 px).
+#: The head (``net._bn1``, stride 32: 7 x 7) was the first choice, but its bilinearly upsampled map peaks
+#: on a 32-px grid, and the synthetic nodules are 3-8.5 px in radius at 224 px, so its maximum can hardly
+#: fall inside one. Measured on lite0 fine-tuned 14 epochs on the default synthetic cohort (val AUC 0.62,
+#: test AUC 0.50: a weak model), Grad-CAM maximum inside the lesion, all 100 images with ground truth /
+#: the 7 test true positives: net._bn1 0/100 (0/7), net._blocks.6 (stride 32) 0/100, net._blocks.4 7/100
+#: [0.02, 0.14] (1/7), net._blocks.3 6/100, net._blocks.2 (stride 8, 28 x 28) 10/100 [0.05, 0.16] (1/7);
+#: all hits on CT key slices, none on radiographs. Stage 5 is kept over stage 3 (whose CI overlaps) because
+#: its misses stay as near as the head's (median peak distance 43 px vs 64 px) and deeper maps are more
+#: class-specific. efficientnet-b0 has the same stage layout and follows lite0 (not measured separately).
+#: The activation after ``net._bn1``, ``net._swish``, is one module reused by the stem: never hook it.
+#: DenseNet: the ReLU after ``norm5`` (not re-measured); hooking ``norm5`` itself fails because that ReLU
+#: then modifies the hooked output in place.
 GRADCAM_LAYERS: dict[str, str] = {
-    "efficientnet-lite0": "net._bn1",
-    "efficientnet-b0": "net._bn1",
+    "efficientnet-lite0": "net._blocks.4",
+    "efficientnet-b0": "net._blocks.4",
     "densenet121": "net.class_layers.relu",
     "densenet169": "net.class_layers.relu",
     "densenet201": "net.class_layers.relu",
@@ -83,7 +93,7 @@ def gradcam(model: torch.nn.Module, backbone: str, images: torch.Tensor, class_i
     ``inplace``, and neither should outlive this call. Works with frozen parameters and under an outer
     ``torch.no_grad()``. MONAI's default post-processing maps the largest value to 0 (an inverted heat
     map), so each map is min-max scaled to [0, 1] here instead; a flat map (no location preferred, e.g.
-    a 1 x 1 feature map, as EfficientNets give for 32 x 32 inputs) becomes all zeros.
+    a 1 x 1 feature map, as EfficientNet's stride-16 layer gives for 16 x 16 inputs) becomes all zeros.
 
     Args:
         model: a :class:`pipeline.models.Classifier` of ``backbone``.
