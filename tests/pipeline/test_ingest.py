@@ -505,7 +505,7 @@ def test_lesion_sidecar_is_written_under_pseudonymised_keys_and_never_labels(tmp
     assert list(table.columns) == list(ingest.LESION_OUTPUT_COLUMNS) and len(table) == 3
     volume = manifest[manifest["unit"] == "volume"].iloc[0]
     on_volume = table[table["image_id"] == volume["image_id"]]
-    # slice_index points into the manifest's paths, ordered by position (slice 0 is at z = 5, slice 3 at z = 2.5)
+    # slice_index points into the manifest's paths, ordered by position: slices[3] (z = 2.5) is 1, slices[0] (z = 5) is 2
     assert list(on_volume["slice_index"]) == [1, 2]
     assert [volume["sop_instance_uids"][k] for k in on_volume["slice_index"]] == list(on_volume["sop_instance_uid"])
     assert list(on_volume["radius_px"]) == [1.5, 2.5] and list(on_volume["row"]) == [4.0, 4.0]
