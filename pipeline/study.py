@@ -60,7 +60,7 @@ COLOURS = {"scratch": "tab:grey", "feature_extraction": "tab:orange", "finetune"
 REFERENCES = ("scratch", "finetune")
 #: params each run sets itself; a grid's ``overrides`` may not touch them
 RUN_KEYS = ("model.pretrained", "train.strategy", "train.fraction", "train.fraction_seed", "train.seed",
-            "train.epochs", "train.patience")
+            "train.epochs", "train.patience", "train.min_steps")
 #: stages every run shares (data in, patients split): brought up to date in the workspace before queueing
 PREPARE_TARGET = "split"
 #: files read from each experiment's git commit (DVC ``cache: false`` outputs, committed by ``dvc exp``)
@@ -94,6 +94,9 @@ class StudyGrid:
         epochs: ``train.epochs`` of every run.
         patience: ``train.patience`` of every run (0: every run trains all epochs, so the
             convergence curves are comparable).
+        min_steps: ``train.min_steps`` of every run: a small fraction trains more epochs, so every
+            cell gets a comparable number of optimiser steps (a difference between strategies is then
+            a property of the strategy, not of the step count).
         target_val_auc: the validation AUC whose first reaching is timed (epochs and seconds).
         jobs: experiments run at once (``dvc exp run --run-all -j``); torch threads are split between them.
         n_boot: resamples of the paired patient bootstrap of AUC differences.
@@ -107,6 +110,7 @@ class StudyGrid:
     seeds: tuple[int, ...] = (0,)
     epochs: int = 6
     patience: int = 0
+    min_steps: int = 0
     target_val_auc: float = 0.75
     jobs: int = 1
     n_boot: int = 1000
@@ -125,8 +129,8 @@ class StudyGrid:
             raise ValueError(f"study: fractions {list(self.fractions)}: need distinct values in (0, 1]")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"study: seeds {list(self.seeds)}: need one or more distinct integers")
-        if self.epochs < 1 or self.patience < 0 or self.jobs < 1 or self.n_boot < 1:
-            raise ValueError("study: need epochs >= 1, patience >= 0, jobs >= 1, n_boot >= 1")
+        if self.epochs < 1 or self.patience < 0 or self.min_steps < 0 or self.jobs < 1 or self.n_boot < 1:
+            raise ValueError("study: need epochs >= 1, patience >= 0, min_steps >= 0, jobs >= 1, n_boot >= 1")
         if not 0 < self.target_val_auc <= 1 or not 0 < self.ci_level < 1:
             raise ValueError("study: target_val_auc must be in (0, 1] and ci_level in (0, 1)")
         bad = [k for k in self.overrides if k in RUN_KEYS or "." not in str(k)]
@@ -200,7 +204,8 @@ def plan(grid: StudyGrid, prefix: str = "study", pretrained: str = "imagenet") -
                 model = ({"model.pretrained": "none", "train.strategy": "finetune"} if strategy == "scratch"
                          else {"model.pretrained": weights, "train.strategy": strategy})
                 overrides = {**grid.overrides, **model, "train.fraction": fraction, "train.fraction_seed": seed,
-                             "train.seed": seed, "train.epochs": grid.epochs, "train.patience": grid.patience}
+                             "train.seed": seed, "train.epochs": grid.epochs, "train.patience": grid.patience,
+                             "train.min_steps": grid.min_steps}
                 runs.append(Run(run_name(prefix, strategy, fraction, seed), strategy, fraction, seed, overrides))
     return runs
 

@@ -74,7 +74,7 @@ def test_plan_maps_strategies_onto_params_and_names_each_run():
     assert feature.set_params() == [
         "preprocess.size=112", "evaluate.subgroups=[]", "model.pretrained='/models/site weights.pth'",
         "train.strategy=feature_extraction", "train.fraction=0.25", "train.fraction_seed=3", "train.seed=3",
-        "train.epochs=2", "train.patience=0"]
+        "train.epochs=2", "train.patience=0", "train.min_steps=0"]
     assert study.plan(grid, pretrained="none")[1].overrides["model.pretrained"] == "imagenet"
     # DVC's run cache cannot see params named `size`: such runs must not be restored from it
     assert scratch.needs_no_run_cache
