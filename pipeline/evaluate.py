@@ -163,6 +163,7 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
             result["test"]["localisation"] = found
             result["test"]["localisation_hit_rate"] = found["hit_rate"]
             result["test"]["localisation_hit_rate_ci"] = [found["ci_low"], found["ci_high"]]
+            result["test"]["localisation_pointing_game"] = found["pointing_game"]["hit_rate"]
     else:
         threshold, subgroups, roc_band = None, [], []
         for split, frame in frames.items():
@@ -226,7 +227,13 @@ def _localisation(model: torch.nn.Module, backbone: str, test: pd.DataFrame, gro
     hit = lesions.hits(maps, rows, ground_truth)
     found = lesions.hit_rate(hit, scored["patient_key"].to_numpy(), n_boot=params.n_boot, seed=params.seed,
                              alpha=alpha)
-    found.update(n_true_positives=len(true_positive), layer=report.GRADCAM_LAYERS[backbone])
+    stride = report.gradcam_stride(model, backbone, tensors.shape[2:])
+    near = lesions.hits(maps, rows, ground_truth, tolerance_px=stride / 2)
+    pointing = lesions.hit_rate(near, scored["patient_key"].to_numpy(), n_boot=params.n_boot, seed=params.seed,
+                                alpha=alpha)
+    found.update(n_true_positives=len(true_positive), layer=report.GRADCAM_LAYERS[backbone],
+                 pointing_game={"tolerance_px": stride / 2, "layer_stride_px": stride,
+                                **{k: pointing[k] for k in ("hit_rate", "ci_low", "ci_high", "n_hits")}})
     log.info("localisation: Grad-CAM maximum inside the lesion on %d of %d true positives with ground truth (of %d)",
              found["n_hits"], found["n_images"], len(true_positive))
     return found

@@ -36,7 +36,7 @@ def peaks(maps: np.ndarray) -> np.ndarray:
     return np.stack(np.unravel_index(flat, maps.shape[1:]), axis=1)
 
 
-def hits(maps: np.ndarray, rows: np.ndarray, lesions: pd.DataFrame) -> np.ndarray:
+def hits(maps: np.ndarray, rows: np.ndarray, lesions: pd.DataFrame, tolerance_px: float = 0.0) -> np.ndarray:
     """Whether each map's maximum lies inside a lesion of its image.
 
     Args:
@@ -44,6 +44,9 @@ def hits(maps: np.ndarray, rows: np.ndarray, lesions: pd.DataFrame) -> np.ndarra
             peaks at (0, 0) and so counts as a miss unless a lesion covers that corner.
         rows: (N,) tensor rows the maps belong to.
         lesions: the lesions table; an image may have several lesions (inside any one is a hit).
+        tolerance_px: a hit may lie this far outside the lesion (0: strictly inside). The pointing game
+            allows half a cell of the Grad-CAM layer's grid: a map of stride 16 cannot place its
+            maximum closer than that to a nodule a few pixels wide.
 
     Returns:
         (N,) bool: distance from a lesion centre to the maximum <= that lesion's radius (tensor pixels).
@@ -56,7 +59,7 @@ def hits(maps: np.ndarray, rows: np.ndarray, lesions: pd.DataFrame) -> np.ndarra
         found = by_row.get(int(row))
         if found is not None:
             distance = np.hypot(found[:, 0] - peak[k, 0], found[:, 1] - peak[k, 1])
-            out[k] = bool((distance <= found[:, 2]).any())
+            out[k] = bool((distance <= found[:, 2] + tolerance_px).any())
     return out
 
 

@@ -448,7 +448,30 @@ def _localisation_text(found: dict | None, level: str) -> list[str]:
             f"{found['n_hits']} of {found['n_images']} true-positive test images with ground truth "
             f"({found['n_true_positives']} true positives in all; {found['n_patients']} patients; "
             f"CI: {found.get('ci_method', 'patient bootstrap')}). White circles: ground truth; white cross: the "
-            "map's maximum.", ""]
+            "map's maximum.", ""] + _pointing_text(found.get("pointing_game"), level)
+
+
+def _pointing_text(game: dict | None, level: str) -> list[str]:
+    if not game or game.get("hit_rate") is None:
+        return []
+    ci = "" if game.get("ci_low") is None else f" [{game['ci_low']:.3f}, {game['ci_high']:.3f}] ({level})"
+    return [f"Pointing game (the maximum within the lesion or {game['tolerance_px']:g} px of it: half a cell of the "
+            f"Grad-CAM layer's {game['layer_stride_px']:g}-px grid): {game['hit_rate']:.3f}{ci}.", ""]
+
+
+def gradcam_stride(model: torch.nn.Module, backbone: str, image_shape: tuple[int, ...]) -> float:
+    """Input pixels per cell of the Grad-CAM layer's feature map, for an (H, W) input (H used)."""
+    layer = model.get_submodule(GRADCAM_LAYERS[backbone])
+    seen: list[tuple[int, ...]] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    try:
+        was_training = model.training
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *image_shape[-2:]))
+        model.train(was_training)
+    finally:
+        handle.remove()
+    return float(image_shape[-2]) / seen[0][-2]
 
 
 def _card_summary(card: dict) -> list[str]:

@@ -118,6 +118,10 @@ def test_hits_and_hit_rate_on_known_maps():
                           "centre_col": [7.0, 2.0, 10.0, 8.0], "radius_px": [2.0, 1.0, 2.9, 3.0]})
     hit = lesions.hits(maps, np.array([7, 8, 9]), table)
     assert hit.tolist() == [True, True, False]  # on the rim; inside the second of two lesions; flat map misses
+    assert lesions.hits(maps, np.array([7, 8, 9]), table.assign(radius_px=[1.0, 1.0, 2.9, 3.0])).tolist() == \
+        [False, True, False]
+    assert lesions.hits(maps, np.array([7, 8, 9]), table.assign(radius_px=[1.0, 1.0, 2.9, 3.0]),
+                        tolerance_px=1.0).tolist() == [True, True, False]
     found = lesions.hit_rate(hit, np.array(["p1", "p2", "p3"]), n_boot=200, seed=0, alpha=0.05)
     assert found["hit_rate"] == pytest.approx(2 / 3) and found["n_images"] == 3 and found["n_hits"] == 2
     assert 0 <= found["ci_low"] <= found["hit_rate"] <= found["ci_high"] <= 1
@@ -161,7 +165,7 @@ def test_localisation_counts_every_true_positive_and_changes_no_other_metric(eva
     without = json.loads((evaluated[0] / "metrics.json").read_text())
     found = with_truth["test"].pop("localisation")
     for key in ("localisation_hit_rate", "localisation_hit_rate_ci", "localisation_hit_rate_ci_lo",
-                "localisation_hit_rate_ci_hi"):
+                "localisation_hit_rate_ci_hi", "localisation_pointing_game"):
         with_truth["test"].pop(key)
     assert with_truth == without, "ground truth changed a metric other than localisation"
     assert (out / "predictions.csv").read_text() == (evaluated[0] / "predictions.csv").read_text()
@@ -199,10 +203,13 @@ def test_localisation_on_a_constructed_test_split(monkeypatch):
         return maps
 
     monkeypatch.setattr(report, "gradcam", fake_gradcam)
+    monkeypatch.setattr(report, "gradcam_stride", lambda model, backbone, shape: 4.0)
     tensors = np.zeros((8, 3, 32, 32), np.float32)
     tensors[:, 0, 0, 0] = np.arange(8)
     found = evaluate._localisation(None, "efficientnet-lite0", test, truth, tensors, PARAMS, 0.05)
     assert sorted(scored) == [0, 1, 2, 3, 4]
     assert (found["n_images"], found["n_hits"], found["n_true_positives"], found["n_patients"]) == (5, 3, 6, 4)
     assert found["hit_rate"] == pytest.approx(0.6)  # hits: on the centre, 3 px and 4 px (the rim) away
+    game = found["pointing_game"]  # half a 4-px cell of tolerance: 5 px away is near enough, 28 px is not
+    assert game["tolerance_px"] == 2.0 and game["n_hits"] == 4 and game["hit_rate"] == pytest.approx(0.8)
     assert 0 <= found["ci_low"] <= 0.6 <= found["ci_high"] <= 1

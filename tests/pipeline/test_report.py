@@ -213,3 +213,11 @@ def test_ground_truth_circles_and_the_hit_rate_sit_beside_the_overlays(model, te
     with_circles = paths["gradcam_tp"].read_bytes()
     assert with_circles.startswith(PNG_MAGIC) and with_circles != (built[0] / "figures/gradcam_tp.png").read_bytes()
     assert "Localisation" not in built[1]["markdown"].read_text(), "no ground truth: no localisation text"
+
+
+def test_gradcam_stride_is_the_layer_grid_of_the_input():
+    from pipeline import models, report
+
+    model, _ = models.build_model(models.ModelParams(pretrained="none"), num_classes=2)
+    assert report.GRADCAM_LAYERS["efficientnet-lite0"] == "net._blocks.4"
+    assert report.gradcam_stride(model, "efficientnet-lite0", (160, 160)) == 16.0
