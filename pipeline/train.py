@@ -398,7 +398,8 @@ def planned_epochs(params: TrainParams, steps_per_epoch: int) -> int:
 
     A small training subset has few batches per epoch: without a floor, 10 % of the data trains for a
     tenth of the steps, and a comparison of strategies across data fractions measures the step count.
-    Early stopping (``train.patience``) still ends a run that stopped improving.
+    Early stopping (``train.patience``) still ends a run that stopped improving, once it has had its
+    ``min_steps``.
     """
     if params.min_steps <= 0:
         return params.epochs
@@ -713,7 +714,10 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
         else:
             bad_epochs += 1
         epoch += 1
-        stopped_early = params.patience > 0 and bad_epochs >= params.patience and epoch < epochs
+        # early stopping waits for train.min_steps: the first epochs of a small subset are a handful of
+        # steps, and their noisy validation AUC must not end the run before it had its budget
+        stopped_early = (params.patience > 0 and bad_epochs >= params.patience and epoch < epochs
+                         and step >= params.min_steps)
         if dist.main:
             log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %.4f, %.1f images/s%s", epoch,
                      epochs, record["train_loss"], val_loss, val_auc, record["train_images_per_s"],
