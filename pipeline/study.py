@@ -828,11 +828,12 @@ def report(table: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, sen
         for r in table.itertuples(index=False))
     first, second = table["experiment"].iloc[0], table["experiment"].iloc[-1]
     took = f" The study took {wall_s / 60:.1f} min." if wall_s else ""
+    budget = f", or more to reach {grid.min_steps} optimiser steps" if grid.min_steps else ""
     text = f"""# Transfer-learning study
 
 What ImageNet pretraining buys on this site's data: grid `{grid_name}`, {len(table)} runs =
 {len(grid.strategies)} strategies × {len(grid.fractions)} training-data fractions × {len(grid.seeds)} seed(s),
-{grid.epochs} epochs each (patience {grid.patience}); every run validated and tested on the same patients,
+{grid.epochs} epochs each{budget} (patience {grid.patience}); every run validated and tested on the same patients,
 smaller fractions are nested subsets of the training patients. Overrides applied to every run: {overrides}.{took}
 
 ## Findings
