@@ -14,7 +14,9 @@ the held-out test split, then writes to ``out_dir`` (``reports/``):
 With lesion ground truth (``images_dir/lesions.parquet``, :mod:`pipeline.lesions`), binary tasks also get
 ``test.localisation``: the share of ALL true-positive test images with ground truth whose Grad-CAM
 maximum lies inside a lesion, with a patient-bootstrap CI (also as the flat scalars
-``test.localisation_hit_rate`` and ``_ci_lo``/``_ci_hi``). Ground truth never enters any other metric.
+``test.localisation_hit_rate`` and ``_ci_lo``/``_ci_hi``), and the pointing game (within the lesion or
+half a cell of the Grad-CAM layer's grid: ``test.localisation_pointing_game``). Ground truth never
+enters any other metric.
 
 Binary tasks get every metric above; with more than two classes, ``metrics.json`` holds macro
 one-vs-rest AUC and PR-AUC (with patient-bootstrap CIs), per-class AUC, accuracy and the confusion
@@ -136,6 +138,7 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
     frames = {s: _frame(index, data, s, probs[s], classes) for s in ("val", "test")}
     alpha = 1 - params.ci_level
     result: dict = {"classes": classes, "ci_level": params.ci_level, "n_boot": params.n_boot}
+    ground_truth = lesions.read(images_dir)  # localisation only: never a label
     if len(classes) == 2:
         threshold = metrics.choose_threshold(frames["val"]["y_true"], frames["val"]["score"], params.threshold,
                                              params.target_sensitivity)
@@ -156,7 +159,6 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
         roc_band = metrics.roc_band(test["y_true"], test["score"], test["patient_key"], n_boot=params.n_boot,
                                     seed=params.seed, alpha=alpha)
         _write_plots(out_dir / "plots", test, result["test"], [classes[int(p)] for p in test["predicted"]])
-        ground_truth = lesions.read(images_dir)
         if ground_truth is not None:
             found = _localisation(model, meta["backbone"], test, ground_truth, np.load(data.tensors, mmap_mode="r"),
                                   params, alpha)
@@ -195,7 +197,7 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
                               "subgroups": {"test": subgroups}},
             predictions=predictions, history=read_history(live_dir), card=card, model=model.cpu(),
             backbone=meta["backbone"], tensors=np.load(data.tensors, mmap_mode="r"),
-            n_examples=params.gradcam_examples, lesions=lesions.read(images_dir))
+            n_examples=params.gradcam_examples, lesions=ground_truth)
         report_path = str(paths["markdown"])
     test_metrics = result["test"]
     summary = EvaluateSummary(classes, threshold, test_metrics["auc"], test_metrics["auc_ci"],

@@ -385,17 +385,22 @@ def _mark_radius_mm(mark: LesionMark, pixel_spacing: tuple[float, float]) -> flo
     return float(mark.radius_mm)
 
 
+def _mark_point(mark: LesionMark) -> tuple[np.ndarray, np.ndarray]:
+    """A volume slice's mark in patient space: (centre, slice normal), mm and unit vector (LPS)."""
+    if mark.position is None or mark.orientation is None or mark.pixel_spacing is None:
+        raise PreprocessError("lesion mark on a volume slice without position/orientation/spacing")
+    row_dir, col_dir = np.asarray(mark.orientation[:3], float), np.asarray(mark.orientation[3:6], float)
+    # DICOM: column index steps along the row direction by the column spacing, and vice versa
+    point = (np.asarray(mark.position, float) + mark.col * mark.pixel_spacing[1] * row_dir
+             + mark.row * mark.pixel_spacing[0] * col_dir)
+    return point, np.cross(row_dir, col_dir)
+
+
 def _sphere(marks: list[LesionMark]) -> tuple[np.ndarray, float]:
     """Centre (mm, LPS) and radius (mm) of a sphere from its cross-sections on parallel slices."""
     points, distances, radii = [], [], []
     for mark in marks:
-        if mark.position is None or mark.orientation is None or mark.pixel_spacing is None:
-            raise PreprocessError("lesion mark on a volume slice without position/orientation/spacing")
-        row_dir, col_dir = np.asarray(mark.orientation[:3], float), np.asarray(mark.orientation[3:6], float)
-        # DICOM: column index steps along the row direction by the column spacing, and vice versa
-        point = (np.asarray(mark.position, float) + mark.col * mark.pixel_spacing[1] * row_dir
-                 + mark.row * mark.pixel_spacing[0] * col_dir)
-        normal = np.cross(row_dir, col_dir)
+        point, normal = _mark_point(mark)
         points.append(point)
         distances.append(float(normal @ point))
         radii.append(_mark_radius_mm(mark, mark.pixel_spacing))
@@ -463,13 +468,18 @@ def _one(row: dict) -> tuple[np.ndarray | None, str, dict]:
     try:
         image = load_unit(row, ingest_dir, params)
         tensor = to_tensor(image, row["modality"], params, ranges.get(_group(row)))
-        lesions = _lesions_of(row, image, ingest_dir, params)
     except PreprocessError as exc:
         return None, str(exc), {}
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
         return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}", {}
+    try:
+        # ground truth never decides whether an image is kept: a lesion that cannot be mapped is dropped alone
+        lesions, unmapped = _lesions_of(row, image, ingest_dir, params), 0
+    except Exception:  # noqa: BLE001 - counted in the summary; the image stays
+        lesions, unmapped = [], 1
     sample = image.array.ravel()[:: max(1, image.array.size // 4096)]
-    stats = {"spacing": [float(s) for s in image.spacing], "sample": sample.astype(np.float32), "lesions": lesions}
+    stats = {"spacing": [float(s) for s in image.spacing], "sample": sample.astype(np.float32), "lesions": lesions,
+             "lesions_unmapped": unmapped}
     return tensor.astype(np.float16), "", stats
 
 
@@ -499,10 +509,7 @@ def _one_lesion_each(marks: list[LesionMark]) -> list[list[LesionMark]]:
     normal) passes within the larger of their radii; the sidecar has one row per slice, not per lesion."""
     groups: list[tuple[np.ndarray, float, list[LesionMark]]] = []
     for mark in marks:
-        row_dir, col_dir = np.asarray(mark.orientation[:3], float), np.asarray(mark.orientation[3:6], float)
-        normal = np.cross(row_dir, col_dir)
-        point = (np.asarray(mark.position, float) + mark.col * mark.pixel_spacing[1] * row_dir
-                 + mark.row * mark.pixel_spacing[0] * col_dir)
+        point, normal = _mark_point(mark)
         on_line = point - (normal @ point) * normal
         radius_mm = _mark_radius_mm(mark, mark.pixel_spacing)
         for k, (line, radius, members) in enumerate(groups):
@@ -553,6 +560,7 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
     spacings: dict[str, list] = {}
     samples: dict[str, list] = {}
     lesion_rows: list[tuple] = []
+    unmapped = 0
     results = map_ordered(_one, rows, init=_init, init_args=(ingest_dir, params, ranges, parallel), params=fanout,
                           workers=params.workers, desc="preprocess", unit="image")
     for i, (tensor, reason, stats) in enumerate(results):
@@ -561,6 +569,7 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
             continue
         tensors[len(kept)] = tensor
         lesion_rows += [(len(kept), rows[i]["image_id"], *lesion) for lesion in stats["lesions"]]
+        unmapped += stats["lesions_unmapped"]
         kept.append(i)
         modality = rows[i]["modality"]
         spacings.setdefault(modality, []).append(stats["spacing"])
@@ -602,7 +611,7 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
     atomic_write_text(out_dir / "fingerprint.json", json.dumps(fingerprint, indent=2) + "\n")
     summary = PreprocessSummary(images=len(index), rejected=len(rejected), shape=[len(index), *shape[1:]],
                                 by_label=fingerprint["labels"], seconds=round(time.perf_counter() - started, 2),
-                                lesions=_lesion_counts(rows, kept, ground_truth, lesions))
+                                lesions=_lesion_counts(rows, kept, ground_truth, lesions, unmapped))
     atomic_write_text(out_dir / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
     log.info("preprocess: %d images → %s, %d rejected, %.1fs", summary.images, summary.shape, summary.rejected,
              summary.seconds)
@@ -618,12 +627,14 @@ def _read_lesions(path: Path) -> dict[str, list[dict]]:
 
 
 def _lesion_counts(rows: list[dict], kept: list[int], ground_truth: dict[str, list[dict]],
-                   lesions: pd.DataFrame) -> dict[str, int]:
+                   lesions: pd.DataFrame, unmapped: int) -> dict[str, int]:
     if not ground_truth:
         return {}
     with_truth = sum(1 for i in kept if rows[i]["image_id"] in ground_truth)
+    if unmapped:
+        log.warning("preprocess: the lesion ground truth of %d image(s) could not be mapped (images kept)", unmapped)
     return {"images_with_ground_truth": with_truth, "images_with_lesion_in_tensor": int(lesions["row"].nunique()),
-            "lesions_in_tensor": len(lesions)}
+            "lesions_in_tensor": len(lesions), "images_ground_truth_unmapped": unmapped}
 
 
 def _sample_values(row: dict) -> np.ndarray | None:

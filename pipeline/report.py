@@ -40,20 +40,18 @@ from matplotlib.patches import Circle
 from PIL import Image
 
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
+from pipeline.lesions import peaks as map_peaks
 
 log = logging.getLogger(__name__)
 
 #: Grad-CAM target layer per backbone, as named by ``Classifier.named_modules()``: the one place to change it.
-#: EfficientNet: the output of stage 5 (``net._blocks.4``, the last stride-16 stage: 14 x 14 at 224 px).
-#: The head (``net._bn1``, stride 32: 7 x 7) was the first choice, but its bilinearly upsampled map peaks
-#: on a 32-px grid, and the synthetic nodules are 3-8.5 px in radius at 224 px, so its maximum can hardly
-#: fall inside one. Measured on lite0 fine-tuned 14 epochs on the default synthetic cohort (val AUC 0.62,
-#: test AUC 0.50: a weak model), Grad-CAM maximum inside the lesion, all 100 images with ground truth /
-#: the 7 test true positives: net._bn1 0/100 (0/7), net._blocks.6 (stride 32) 0/100, net._blocks.4 7/100
-#: [0.02, 0.14] (1/7), net._blocks.3 6/100, net._blocks.2 (stride 8, 28 x 28) 10/100 [0.05, 0.16] (1/7);
-#: all hits on CT key slices, none on radiographs. Stage 5 is kept over stage 3 (whose CI overlaps) because
-#: its misses stay as near as the head's (median peak distance 43 px vs 64 px) and deeper maps are more
-#: class-specific. efficientnet-b0 has the same stage layout and follows lite0 (not measured separately).
+#: EfficientNet: the output of stage 5 (``net._blocks.4``, the last stride-16 stage: 10 x 10 at 160 px).
+#: The head (``net._bn1``, stride 32) upsamples to a 32-px grid, coarser than the synthetic nodules (radius
+#: ~4 px at 160 px). Measured on the 200-patient demo's fine-tuned lite0 (test AUC 0.892), Grad-CAM maximum
+#: inside the lesion on the 26 test true positives: net._bn1 0/26, net._blocks.3 4/26, net._blocks.4 6/26,
+#: net._blocks.2 (stride 8) 8/26 [0.12, 0.54]; over all 193 images with ground truth (any split) _blocks.4
+#: was best (35/193 against 27 and 22) with its maxima a median 10 px from the centre (51-52 px for stages
+#: 3 and 2). efficientnet-b0 has the same stage layout and follows lite0 (not measured separately).
 #: The activation after ``net._bn1``, ``net._swish``, is one module reused by the stem: never hook it.
 #: DenseNet: the ReLU after ``norm5`` (not re-measured); hooking ``norm5`` itself fails because that ReLU
 #: then modifies the hooked output in place.
@@ -331,7 +329,7 @@ def _gradcam_figure(title: str, images: np.ndarray, maps: np.ndarray, captions: 
         if circles is not None:
             for centre_row, centre_col, radius in circles[k]:
                 ax.add_patch(Circle((centre_col, centre_row), radius, fill=False, edgecolor="white", linewidth=1.2))
-            peak_row, peak_col = np.unravel_index(int(np.argmax(maps[k])), maps[k].shape)
+            peak_row, peak_col = map_peaks(maps[k][None])[0]
             ax.plot(peak_col, peak_row, marker="x", color="white", markersize=6, markeredgewidth=1.5)
         ax.set_title(captions[k], fontsize=8, family="monospace")
         ax.set_axis_off()
@@ -442,8 +440,8 @@ def _localisation_text(found: dict | None, level: str) -> list[str]:
     """The localisation hit rate paragraph (nothing without lesion ground truth)."""
     if not found:
         return []
-    rate = "–" if found["hit_rate"] is None else f"{found['hit_rate']:.3f}"
-    ci = "" if found.get("ci_low") is None else f" [{found['ci_low']:.3f}, {found['ci_high']:.3f}] ({level})"
+    rate = _num(found["hit_rate"])
+    ci = "" if found.get("ci_low") is None else f" {_ci([found['ci_low'], found['ci_high']])} ({level})"
     return [f"**Localisation: hit rate {rate}{ci}** — the Grad-CAM maximum lies inside the ground-truth lesion on "
             f"{found['n_hits']} of {found['n_images']} true-positive test images with ground truth "
             f"({found['n_true_positives']} true positives in all; {found['n_patients']} patients; "
@@ -454,7 +452,7 @@ def _localisation_text(found: dict | None, level: str) -> list[str]:
 def _pointing_text(game: dict | None, level: str) -> list[str]:
     if not game or game.get("hit_rate") is None:
         return []
-    ci = "" if game.get("ci_low") is None else f" [{game['ci_low']:.3f}, {game['ci_high']:.3f}] ({level})"
+    ci = "" if game.get("ci_low") is None else f" {_ci([game['ci_low'], game['ci_high']])} ({level})"
     return [f"Pointing game (the maximum within the lesion or {game['tolerance_px']:g} px of it: half a cell of the "
             f"Grad-CAM layer's {game['layer_stride_px']:g}-px grid): {game['hit_rate']:.3f}{ci}.", ""]
 

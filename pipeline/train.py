@@ -57,19 +57,17 @@ from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("feature_extraction", "finetune", "gradual")
-#: BatchNorm statistics of a pretrained backbone while it trains (a network from scratch always recalibrates):
-#: ``frozen`` keeps the ImageNet running statistics (the layers normalise in eval mode; their affine weights
-#: still learn), ``recalibrate`` trains in batch-statistics mode and recomputes the running statistics on the
-#: training images after each epoch, ``batch`` is PyTorch's plain train mode with the network's own momentum
-#: (MONAI's EfficientNet keeps TensorFlow's 0.01, so the statistics evaluation uses barely move: what the head
-#: learns on is not what it sees at evaluation).
-BATCHNORM_MODES = ("frozen", "recalibrate", "batch")
+#: BatchNorm statistics of a pretrained backbone while it trains, and why each mode does what it does (the
+#: model card carries the sentence); a network from scratch always recalibrates. ``batch`` is PyTorch's plain
+#: train mode: MONAI's EfficientNet keeps TensorFlow's momentum 0.01, so the statistics evaluation uses barely
+#: move and what the head learns on is not what it sees at evaluation.
 BATCHNORM_WHY = {
     "frozen": "pretrained BatchNorm running statistics kept (layers in eval mode while training; affine weights "
               "learn): training and evaluation normalise alike",
     "recalibrate": "running statistics recomputed on the training images after every epoch",
     "batch": "batch statistics while training, running statistics updated with the network's momentum",
 }
+BATCHNORM_MODES = tuple(BATCHNORM_WHY)
 CHECKPOINT_FORMAT = "medtl-train-checkpoint/1"
 INTENDED_USE = (
     "Research and retraining pipeline output: a model to be evaluated against the site's held-out test split "
@@ -388,9 +386,12 @@ def freeze_batchnorm_statistics(model: nn.Module) -> None:
     Call after ``model.train()``. The layers' affine weights still learn where they require gradients; only
     the statistics stop following the batches, so training and evaluation see the same normalisation.
     """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    for module in _batchnorms(model):
+        module.eval()
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def planned_epochs(params: TrainParams, steps_per_epoch: int) -> int:
@@ -485,7 +486,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, device: torch.device, channe
     activations of the trained weights, and evaluation-mode outputs shrink to one constant for every
     image (validation AUC exactly 0.5). Pretrained networks start from ImageNet statistics instead.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = _batchnorms(model)
     momenta = [m.momentum for m in norms]
     was_training = model.training
     for m in norms:

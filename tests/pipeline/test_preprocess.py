@@ -280,9 +280,20 @@ def test_stage_carries_ingested_lesions_to_tensor_rows(tmp_path):
     index = pd.read_parquet(tmp_path / "out" / "index.parquet")
     table = pd.read_parquet(tmp_path / "out" / "lesions.parquet")
     assert list(table.columns) == list(preprocess.LESION_COLUMNS) and len(table) == 2 == len(index)
-    assert summary.lesions == {"images_with_ground_truth": 2, "images_with_lesion_in_tensor": 2, "lesions_in_tensor": 2}
+    assert summary.lesions == {"images_with_ground_truth": 2, "images_with_lesion_in_tensor": 2, "lesions_in_tensor": 2,
+                               "images_ground_truth_unmapped": 0}
     assert dict(zip(table["row"], table["image_id"])) == dict(zip(index["row"], index["image_id"]))
     for lesion in table.itertuples():
         found = _disc_centre(tensors[lesion.row, 0])
         assert (lesion.centre_row, lesion.centre_col) == pytest.approx(found[:2], abs=1.0), index.loc[lesion.row, "unit"]
         assert lesion.radius_px == pytest.approx(found[2], abs=1.0)
+
+    # ground truth that cannot be mapped (a slice the unit does not have) costs the lesion, never the image
+    truth = pd.read_parquet(tmp_path / "ingest" / "lesions.parquet")
+    truth.loc[truth["slice_index"] > 0, "slice_index"] = 999
+    truth.to_parquet(tmp_path / "ingest" / "lesions.parquet", index=False)
+    again = preprocess.run(params, tmp_path / "ingest", tmp_path / "again")
+    assert again.images == 2 and again.rejected == 0
+    assert again.lesions == {"images_with_ground_truth": 2, "images_with_lesion_in_tensor": 1, "lesions_in_tensor": 1,
+                             "images_ground_truth_unmapped": 1}
+    assert np.array_equal(np.load(tmp_path / "again" / "tensors.npy"), np.load(tmp_path / "out" / "tensors.npy"))
