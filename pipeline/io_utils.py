@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
@@ -52,3 +53,26 @@ def csv_text(header: list[str], rows) -> str:
     writer.writerow(header)
     writer.writerows(rows)
     return text.getvalue()
+
+
+def content_hash(data: bytes) -> str:
+    """The content id of a file (blake2b, 128 bits, hex): the ingest cache key and synth's file list."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def remove_stale_temps(root: Path) -> int:
+    """Delete temporary files that a killed :func:`atomic_write_bytes` left under ``root``; return how many.
+
+    Call it at the start of a stage on its own output directory (one run per output at a time: DVC
+    and the retrain flow lock the repository), never on a directory another process writes to.
+    """
+    removed = 0
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    for folder, _dirs, names in os.walk(root):
+        for name in names:
+            if name.endswith(TMP_SUFFIX) and TMP_NAME.match(name):
+                Path(folder, name).unlink(missing_ok=True)
+                removed += 1
+    return removed

@@ -16,8 +16,25 @@ import yaml
 T = TypeVar("T")
 
 
-class ParamsError(ValueError):
+from pipeline.errors import MedtlError
+
+
+class ParamsError(MedtlError, ValueError):
     """params.yaml is missing, malformed, or has a key the stage does not know."""
+
+
+def param(default: Any, *, min: float | None = None, max: float | None = None,  # noqa: A002 - names of the bounds
+          choices: tuple | None = None, min_exclusive: bool = False) -> Any:
+    """A dataclass field of a params section with its constraints, checked when params are read.
+
+    ``min``/``max`` bound numbers (``min_exclusive``: the minimum itself is not allowed); ``choices``
+    lists the allowed values (for a tuple-typed field: of each item). Types come from the annotation.
+    """
+    kind = dict if isinstance(default, dict) else list if isinstance(default, list) else None
+    metadata = {"min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive}
+    if kind is not None:
+        return dataclasses.field(default_factory=lambda: kind(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def read_params(path: Path) -> dict[str, Any]:
