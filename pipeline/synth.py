@@ -6,7 +6,7 @@
                                                          DICOM/SITE_B/PAT00042/ST001/SE002/IM00007
     DIR/labels.csv                                       study_instance_uid,label (lesion / normal)
     DIR/lesions.csv                                      where each lesion is, per image instance (below)
-    DIR/medtl_synth.json                                 marker: {"synthetic": true, "seed", "patients", ...}
+    DIR/medtl_synth.json                                 marker: {"synthetic": true, "seed", "patients", "files", ...}
 
 Folder names are opaque: they hold no PHI and nothing that gives away a label. The label of a study
 lives in ``labels.csv`` only; nothing in file names or headers depends on it, only the pixels do.
@@ -85,6 +85,16 @@ written and every other file is byte-identical.
 fixed dates and file-meta implementation values), so ``run(N + K)`` and ``run(N)`` followed by
 ``add(K)`` give byte-identical trees. Files are written to a temporary name and renamed, the marker
 last; a rerun writes only the files that are missing and leaves existing ones untouched.
+
+**The marker's file list** (``files``: relpath under DIR -> :func:`pipeline.io_utils.content_hash`)
+names every file synth wrote (DICOM tree with defect files and junk, ``labels.csv``,
+``lesions.csv``; not the marker itself), so that the public demo key is used for exactly these
+files and never for a real file put into the folder (:func:`pipeline.keys.synthetic_files`). The ids
+are those of the bytes synth rendered, never read back from the tree; existing files keep their
+listed ids and are not read. While a run writes, the marker is saved every :data:`CHECKPOINT_FILES`
+files with the list so far, so an interrupted run, when resumed, renders only the patients written
+since (to list them) and writes only what is missing. A marker from before the list gets it on the
+next run (every patient rendered once, nothing rewritten).
 """
 
 from __future__ import annotations
@@ -93,7 +103,6 @@ import bisect
 import functools
 import json
 import logging
-import os
 import struct
 import zlib
 from collections import Counter
@@ -109,7 +118,6 @@ from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset
 from pydicom.sequence import Sequence
-from pipeline.io_utils import TMP_NAME, TMP_SUFFIX, atomic_write_bytes
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -120,10 +128,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from pipeline.io_utils import atomic_write_bytes, content_hash, remove_stale_temps
+from pipeline.params import ParamsError, param
+
 log = logging.getLogger(__name__)
 _OPENJPEG_LOG = logging.getLogger("openjpeg")
 
 MARKER_NAME = "medtl_synth.json"
+MARKER_FILES = "files"  # the marker's field: relpath (under DIR) -> content id of every file synth wrote
 LABELS_NAME = "labels.csv"
 LESIONS_NAME = "lesions.csv"
 LESIONS_HEADER = "study_instance_uid,series_instance_uid,sop_instance_uid,row,col,radius_px,radius_mm"
@@ -153,17 +165,17 @@ _S_SITE, _S_DEFECT, _S_VARIETY, _S_PATIENT, _S_EXTRAS, _S_TS, _S_PIXELS, _S_NAME
 class SynthParams:
     """params.yaml ``synth`` section."""
 
-    patients: int = 100
-    seed: int = 0
-    defects: bool = True  # sprinkle realistic junk/defects (module docstring)
+    patients: int = param(100, min=1)
+    seed: int = param(0, min=0)
+    defects: bool = param(True)  # sprinkle realistic junk/defects (module docstring)
 
     def __post_init__(self) -> None:
-        if isinstance(self.patients, bool) or not isinstance(self.patients, int) or self.patients < 0:
-            raise ValueError(f"synth.patients must be an integer >= 0, got {self.patients!r}")
+        if isinstance(self.patients, bool) or not isinstance(self.patients, int) or self.patients < 1:
+            raise ParamsError(f"synth.patients must be an integer >= 1, got {self.patients!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"synth.seed must be an integer >= 0, got {self.seed!r}")
+            raise ParamsError(f"synth.seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.defects, bool):
-            raise ValueError(f"synth.defects must be true or false, got {self.defects!r}")
+            raise ParamsError(f"synth.defects must be true or false, got {self.defects!r}")
 
 
 @dataclass
@@ -198,7 +210,7 @@ def run(params: SynthParams, out_dir: Path) -> SynthSummary:
                 f"{out_dir} has a {DICOM_DIR} folder but no {MARKER_NAME}: not a synthetic cohort written by "
                 "this version; choose an empty directory"
             )
-        return _write_cohort(out_dir, params.seed, params.defects, params.patients, 0)
+        return _write_cohort(out_dir, params.seed, params.defects, params.patients, 0, {})
     for key, want in (("seed", params.seed), ("defects", params.defects), ("generator_version", GENERATOR_VERSION)):
         have = marker.get(key, True if key == "defects" else None)
         if have != want:
@@ -212,7 +224,8 @@ def run(params: SynthParams, out_dir: Path) -> SynthSummary:
     if target > params.patients:
         log.warning("synth: the cohort already has %d patients (more than the %d asked for); keeping them all",
                     target, params.patients)
-    return _write_cohort(out_dir, params.seed, params.defects, max(target, params.patients), existing)
+    return _write_cohort(out_dir, params.seed, params.defects, max(target, params.patients), existing,
+                         _marker_files(marker))
 
 
 def add(out_dir: Path, k: int) -> SynthSummary:
@@ -1829,22 +1842,20 @@ def _read_marker(out_dir: Path) -> dict | None:
     return marker
 
 
-def _marker_bytes(seed: int, defects: bool, patients: int, writing: int | None = None) -> bytes:
+def _marker_files(marker: dict) -> dict[str, str]:
+    """The marker's file list (relpath -> content id); empty for a marker from before synth kept one."""
+    files = marker.get(MARKER_FILES)
+    if not isinstance(files, dict):
+        return {}
+    return {rel: cid for rel, cid in files.items() if isinstance(rel, str) and isinstance(cid, str)}
+
+
+def _marker_bytes(seed: int, defects: bool, patients: int, files: dict[str, str], writing: int | None = None) -> bytes:
     marker = {"synthetic": True, "seed": seed, "patients": patients, "generator_version": GENERATOR_VERSION,
-              "defects": defects}
+              "defects": defects, MARKER_FILES: files}
     if writing is not None:
         marker["writing_patients"] = writing  # present only while a run is under way / was interrupted
     return (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _remove_stale_temps(out_dir: Path) -> int:
-    """Remove temporary files an interrupted run left (ours only: they match our naming pattern)."""
-    stale = [p for p in out_dir.glob(f".*{TMP_SUFFIX}") if TMP_NAME.match(p.name)]
-    for folder, _, names in os.walk(out_dir / DICOM_DIR):
-        stale += [Path(folder) / name for name in names if TMP_NAME.match(name)]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return len(stale)
 
 
 def _lesion_rows(pt: PatientPlan, seed: int, defects: bool) -> list[str]:
@@ -1883,20 +1894,47 @@ def _lesion_rows(pt: PatientPlan, seed: int, defects: bool) -> list[str]:
     return rows
 
 
-def _write_cohort(out_dir: Path, seed: int, defects: bool, total: int, complete: int) -> SynthSummary:
+#: while writing, the marker's file list is saved again after this many new files, so that a resumed
+#: run renders at most this many files' patients again to list them (they are never re-read)
+CHECKPOINT_FILES = 1000
+
+
+def _write_cohort(out_dir: Path, seed: int, defects: bool, total: int, complete: int,
+                  known: dict[str, str]) -> SynthSummary:
+    """Write the missing files of patients ``[0, total)`` and the marker listing every file's content id.
+
+    ``known`` is the previous marker's file list. Content ids always come from bytes rendered in
+    memory, never from reading the tree (a file a user put or changed there is not listed): a patient
+    whose files are all on disk keeps its listed ids; one with a file missing, or with files the list
+    does not cover (an interrupted run after its last checkpoint, or a marker from before the list),
+    is rendered and listed again, and only its missing files are written.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     root = out_dir / DICOM_DIR
-    stale = _remove_stale_temps(out_dir)
+    stale = remove_stale_temps(out_dir)
     plans = [_plan_patient(seed, p) for p in range(total)]
-    todo: list[tuple[PatientPlan, list[str]]] = []
+    todo: list[tuple[PatientPlan, list[str]]] = []  # patients with missing files, and those files
+    unlisted: list[PatientPlan] = []  # patients whose files are all there but not all listed
     for pt in plans:
         site_dir = root / pt.site.folder
-        missing = [f.rel for f in _files(pt, seed, defects) if not (site_dir / f.rel).is_file()]
+        rels = [f.rel for f in _files(pt, seed, defects)]
+        missing = [rel for rel in rels if not (site_dir / rel).is_file()]
         if missing:
             todo.append((pt, missing))
+        elif any(f"{DICOM_DIR}/{pt.site.folder}/{rel}" not in known for rel in rels):
+            unlisted.append(pt)
+    ids = dict(known)  # relpath under out_dir -> content id of the bytes synth made for it
+
+    def listed(pt: PatientPlan, files: dict[str, bytes]) -> None:
+        ids.update({f"{DICOM_DIR}/{pt.site.folder}/{rel}": content_hash(data) for rel, data in files.items()})
+
+    def checkpoint() -> None:
+        atomic_write_bytes(out_dir / MARKER_NAME, _marker_bytes(seed, defects, complete, ids, writing=total),
+                           durable=True)
+
     if todo:
-        atomic_write_bytes(out_dir / MARKER_NAME, _marker_bytes(seed, defects, complete, writing=total), durable=True)
-    written = 0
+        checkpoint()
+    written = since_checkpoint = 0
     made_dirs: set[Path] = set()
     for pt, missing in todo:
         files = _render_patient(pt, seed, defects)
@@ -1908,11 +1946,28 @@ def _write_cohort(out_dir: Path, seed: int, defects: bool, total: int, complete:
                 made_dirs.add(path.parent)
             atomic_write_bytes(path, files[rel], durable=False)
             written += 1
+        listed(pt, files)
+        since_checkpoint += len(missing)
+        if since_checkpoint >= CHECKPOINT_FILES:
+            checkpoint()
+            since_checkpoint = 0
+    if unlisted:
+        log.info("synth: listing the files of %d patients written before (rendered again, not rewritten)",
+                 len(unlisted))
+    for pt in unlisted:
+        listed(pt, _render_patient(pt, seed, defects))
     rows = ["study_instance_uid,label"] + [f"{st.uid},{st.label}" for pt in plans for st in pt.studies]
-    _write_if_changed(out_dir / LABELS_NAME, ("\n".join(rows) + "\n").encode())
-    lesions = [LESIONS_HEADER] + [row for pt in plans for row in _lesion_rows(pt, seed, defects)]
-    _write_if_changed(out_dir / LESIONS_NAME, ("\n".join(lesions) + "\n").encode())
-    _write_if_changed(out_dir / MARKER_NAME, _marker_bytes(seed, defects, total))
+    labels = ("\n".join(rows) + "\n").encode()
+    _write_if_changed(out_dir / LABELS_NAME, labels)
+    lesion_rows = [LESIONS_HEADER] + [row for pt in plans for row in _lesion_rows(pt, seed, defects)]
+    lesions = ("\n".join(lesion_rows) + "\n").encode()
+    _write_if_changed(out_dir / LESIONS_NAME, lesions)
+    final = {LABELS_NAME: content_hash(labels), LESIONS_NAME: content_hash(lesions)}
+    for pt in plans:
+        for f in _files(pt, seed, defects):
+            rel = f"{DICOM_DIR}/{pt.site.folder}/{f.rel}"
+            final[rel] = ids[rel]
+    _write_if_changed(out_dir / MARKER_NAME, _marker_bytes(seed, defects, total, final))
     summary = _summarise(plans, seed, defects)
     log.info("synth: %d patients (%d written now), %d studies, %d series, %d instances, %d files (%d written now%s)",
              summary.patients, len(todo), summary.studies, summary.series, summary.instances, summary.files, written,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -25,6 +26,8 @@ from pydicom.uid import (
 )
 
 from pipeline import synth
+from pipeline.io_utils import content_hash
+from pipeline.params import ParamsError
 
 SEED = 7
 PATIENTS = 40  # one defect block: every defect kind and transfer syntax appears
@@ -41,6 +44,20 @@ def _hashes(root: Path) -> dict[str, str]:
 
 def _dicom_files(root: Path) -> list[Path]:
     return sorted(p for p in (root / synth.DICOM_DIR).rglob("*") if p.is_file())
+
+
+def _on_disk(root: Path) -> dict[str, str]:
+    """relpath -> content id of every file under ``root`` but the marker."""
+    return {p.relative_to(root).as_posix(): content_hash(p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != synth.MARKER_NAME}
+
+
+def _listed(root: Path) -> dict[str, str]:
+    return json.loads((root / synth.MARKER_NAME).read_text())[synth.MARKER_FILES]
+
+
+def _assert_marker_lists_every_file(root: Path) -> None:
+    assert _listed(root) == _on_disk(root)
 
 
 def _labels(root: Path) -> list[dict[str, str]]:
@@ -113,7 +130,13 @@ def _hu(ds: Dataset) -> np.ndarray:
 def test_layout_marker_and_labels(cohort):
     root = cohort.root
     marker = json.loads((root / synth.MARKER_NAME).read_text())
+    files = marker.pop(synth.MARKER_FILES)
     assert marker == {"synthetic": True, "seed": SEED, "patients": PATIENTS, "generator_version": synth.GENERATOR_VERSION, "defects": True}
+    # the file list: every file synth wrote (defect copies and junk too, labels and lesions), not the marker
+    assert files == _on_disk(root)
+    assert len(files) == cohort.summary.files + 2 and {synth.LABELS_NAME, synth.LESIONS_NAME} <= set(files)
+    text = (root / synth.MARKER_NAME).read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n", "deterministic: sorted keys"
     assert sorted(p.name for p in root.iterdir()) == sorted([synth.DICOM_DIR, synth.LABELS_NAME, synth.LESIONS_NAME,
                                                            synth.MARKER_NAME])
     rels = [p.relative_to(root).as_posix() for p in cohort.files]
@@ -190,8 +213,9 @@ def test_add_equals_a_full_run_and_leaves_existing_files_alone(tmp_path):
     full_summary = synth.run(synth.SynthParams(patients=8, seed=3), full)
     assert (inc / synth.LESIONS_NAME).read_bytes() == (full / synth.LESIONS_NAME).read_bytes()
     assert len(_lesion_rows(inc)) > 0
-    assert _hashes(inc) == _hashes(full)
+    assert _hashes(inc) == _hashes(full)  # the marker too: same file list
     assert summary == full_summary and summary.files > first.files
+    _assert_marker_lists_every_file(inc)
 
 
 def test_rerun_writes_only_missing_files_and_refuses_other_cohorts(tmp_path):
@@ -206,6 +230,7 @@ def test_rerun_writes_only_missing_files_and_refuses_other_cohorts(tmp_path):
     stale.write_bytes(b"half a file")
     synth.run(synth.SynthParams(patients=4, seed=5), root)
     assert _hashes(root) == reference and not stale.exists()
+    _assert_marker_lists_every_file(root)
     assert all(p.stat().st_mtime_ns == mtimes[p] for p in files if p != victim)
     # fewer patients asked for: the cohort keeps what it has
     assert synth.run(synth.SynthParams(patients=2, seed=5), root).patients == 4
@@ -223,6 +248,15 @@ def test_rerun_writes_only_missing_files_and_refuses_other_cohorts(tmp_path):
         synth.add(tmp_path / "nothing", 1)
     with pytest.raises(ValueError):
         synth.SynthParams(patients=-1)
+
+
+def test_params_constraints():
+    assert synth.SynthParams() == synth.SynthParams(patients=100, seed=0, defects=True)
+    bounds = {f.name: f.metadata for f in dataclasses.fields(synth.SynthParams)}
+    assert bounds["patients"]["min"] == 1 and bounds["seed"]["min"] == 0
+    for bad in ({"patients": 0}, {"patients": 2.5}, {"patients": True}, {"seed": -1}, {"defects": "yes"}):
+        with pytest.raises(ParamsError, match="synth."):
+            synth.SynthParams(**bad)
 
 
 def test_an_interrupted_run_leaves_no_partial_files_and_is_completed(tmp_path, monkeypatch):
@@ -249,8 +283,77 @@ def test_an_interrupted_run_leaves_no_partial_files_and_is_completed(tmp_path, m
     expected = _hashes(reference / synth.DICOM_DIR)
     assert 30 < len(written) < len(expected)
     assert all(expected[k] == v for k, v in written.items()), "a partial file under a final name"
+    # the interrupted marker lists only what it had when the run started (nothing): never a file it did not make
+    assert marker[synth.MARKER_FILES] == {}
     synth.run(synth.SynthParams(patients=2, seed=2), root)  # completes the 5 patients it was writing
     assert _hashes(root) == _hashes(reference)
+    _assert_marker_lists_every_file(root)
+
+
+def test_a_resumed_run_lists_files_from_checkpoints_and_renders_only_unlisted_patients(tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    synth.run(synth.SynthParams(patients=6, seed=2), reference)
+    root = tmp_path / "interrupted"
+    monkeypatch.setattr(synth, "CHECKPOINT_FILES", 20)
+    real_write, real_render = synth.atomic_write_bytes, synth._render_patient
+    calls: list[Path] = []
+
+    def killed_after_the_third_patient(path, data, **kwargs):
+        calls.append(path)
+        if len([p for p in calls if "PAT00003" in p.as_posix()]) == 2:
+            raise KeyboardInterrupt
+        real_write(path, data, **kwargs)
+
+    monkeypatch.setattr(synth, "atomic_write_bytes", killed_after_the_third_patient)
+    with pytest.raises(KeyboardInterrupt):
+        synth.run(synth.SynthParams(patients=6, seed=2), root)
+    monkeypatch.setattr(synth, "atomic_write_bytes", real_write)
+    listed = _listed(root)
+    disk = _on_disk(root)
+    assert listed and all(disk[rel] == cid for rel, cid in listed.items()), "listed: written and with their ids"
+    checkpointed = {rel.split("/")[2] for rel in listed}
+    written = {rel.split("/")[2] for rel in disk}
+    assert checkpointed < written == {f"PAT{i:05d}" for i in range(4)}
+
+    rendered: list[int] = []
+
+    def spy(pt, seed, defects):
+        rendered.append(pt.index)
+        return real_render(pt, seed, defects)
+
+    monkeypatch.setattr(synth, "_render_patient", spy)
+    synth.run(synth.SynthParams(patients=6, seed=2), root)
+    # patients listed at a checkpoint are not rendered again; the rest are (3 had files missing)
+    assert sorted(rendered) == sorted(i for i in range(6) if f"PAT{i:05d}" not in checkpointed)
+    assert _hashes(root) == _hashes(reference)
+    _assert_marker_lists_every_file(root)
+
+
+def test_the_file_list_never_takes_ids_from_the_tree(tmp_path):
+    root = tmp_path / "c"
+    synth.run(synth.SynthParams(patients=3, seed=4), root)
+    original = _listed(root)
+    # a user overwrites a file and adds one: a rerun lists neither (it does not read existing files)
+    victim = _dicom_files(root)[5]
+    rel = victim.relative_to(root).as_posix()
+    victim.write_bytes(b"real patient data")
+    (victim.parent / "IM99999").write_bytes(b"more real data")
+    synth.run(synth.SynthParams(patients=3, seed=4), root)
+    assert _listed(root) == original and original[rel] != content_hash(b"real patient data")
+    assert content_hash(b"more real data") not in set(_listed(root).values())
+
+    # a marker from before the list: the next run lists every file by rendering, rewrites none
+    victim.unlink()
+    (victim.parent / "IM99999").unlink()
+    synth.run(synth.SynthParams(patients=3, seed=4), root)
+    marker = json.loads((root / synth.MARKER_NAME).read_text())
+    del marker[synth.MARKER_FILES]
+    (root / synth.MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p.name != synth.MARKER_NAME}
+    synth.run(synth.SynthParams(patients=3, seed=4), root)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert _listed(root) == original
+    _assert_marker_lists_every_file(root)
 
 
 # --------------------------------------------------------------------------------------------------
