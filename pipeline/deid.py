@@ -1,213 +1,170 @@
-"""De-identification and pseudonymisation of DICOM instances.
+"""De-identification and pseudonymisation of DICOM instances: an allow-list rebuild.
 
-The DICOM PS3.15 Basic Application Level Confidentiality Profile, applied with a maintained library
-(dicognito) plus the profile's removals that dicognito leaves to the caller:
+A removal list cannot be complete (DICOM has thousands of attributes and every vendor adds more),
+so the output is **rebuilt** from an explicit keep-list, :data:`KEEP` (``pipeline/deid_keep.csv``:
+one row per attribute with its action, its PS3.15 Table E.1-1 action and the reason it is kept).
+Everything else is dropped: any private, unknown, retired or unlisted public attribute at any
+depth, any sequence not on the list, the file meta information beyond what a file needs, trailing
+padding; the 128-byte preamble is zeroed. The keep-list is verified against PS3.15 Table E.1-1 (as
+published in the 2026c edition, via the dicom-anonymizer package's tables) by the tests.
 
-* dicognito replaces every person name, identifier, address, institution and UID with consistent
-  pseudo-values and shifts every date/time. It is seeded **per patient** with a keyed hash of the
-  patient identity, so UIDs map the same way in every file of a patient (series/study structure
-  survives, also across parallel workers and incremental runs) and dates shift by one offset per
-  patient (intervals between a patient's studies are kept).
-* free-text attributes that may carry PHI (descriptions, comments, protocol names, ...), private
-  tags, overlays and curves are removed; the birth date is emptied.
-* Patient ID and Patient Name become the pseudonymous ``patient_key`` (an HMAC of the issuer and
-  patient ID under the site's secret key), which later stages use to split by patient.
+Actions of the keep-list:
+
+* ``keep``: copied when its value is valid for its VR (a CS code, a number for DS/IS, a UID...) and
+  does not mention any identifier seen in the source header (names and their parts, IDs, accession,
+  institution, station, ...): a kept text value that does is blanked, any other such value dropped.
+* ``uid``: remapped to ``2.25.<HMAC of the UID under the site key>``: the same UID maps the same way
+  in every file and run (series/study structure survives, also across workers and incremental runs).
+* ``date``: shifted back by one offset per patient (365–4014 days, from the site key and the
+  patient key), so intervals between a patient's studies survive; a dashed or dotted date is
+  repaired first, a date that cannot be read is dropped (the file is kept).
+* ``empty``: present and empty (type 2 attributes the IODs require). ``pseudonym``: PatientID and
+  PatientName become the pseudonymous ``patient_key``. ``age``: ``nnnD|W|M|Y`` only, 90 years and
+  over become ``090Y``. ``sequence``: kept, each item rebuilt by the same rules. ``bulk``: pixel data
+  and lookup tables, copied as bytes.
 
 Options recorded in DeidentificationMethodCodeSequence (PS3.16 CID 7050): Basic Profile (113100),
 Retain Longitudinal Temporal Information with Modified Dates (113107), Retain Patient
-Characteristics (113108: sex, age, size, weight stay).
+Characteristics (113108: sex, age, size, weight stay), Clean Descriptors (113105: the few
+descriptors kept are blanked when they mention an identifier).
 
-The secret key never lives in the repository: ``MEDTL_PSEUDONYM_KEY`` (the key itself),
-``MEDTL_PSEUDONYM_KEY_FILE`` (a path), ``./.medtl/pseudonym.key`` or ``~/.config/medtl/pseudonym.key``.
-Only input marked as the synthetic demo cohort may fall back to the public throw-away key
-:data:`DEMO_KEY`.
+Key handling (the site secret, never in the repository) is :mod:`pipeline.keys`.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
+import csv
+import datetime as dt
 import hashlib
 import hmac
 import logging
-import os
-import secrets
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from dicognito.anonymizer import Anonymizer
-from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
-from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 
 log = logging.getLogger(__name__)
-
-#: Public, documented throw-away key. Accepted only for the synthetic demo cohort.
-DEMO_KEY = b"medtl-demo-key--synthetic-data-only--not-a-secret"
-ENV_KEY = "MEDTL_PSEUDONYM_KEY"
-ENV_KEY_FILE = "MEDTL_PSEUDONYM_KEY_FILE"
-LOCAL_KEY_FILE = Path(".medtl/pseudonym.key")
-USER_KEY_FILE = Path("~/.config/medtl/pseudonym.key")
+# pydicom's value validation on reading warns (and logs) with the offending value in the message: a
+# header value is PHI until proven otherwise. The rebuild validates every value it keeps instead.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 #: Bump when the de-identified output of the same input would change; invalidates ingest caches.
-DEID_VERSION = "1"
+DEID_VERSION = "2"
+KEEP_FILE = Path(__file__).with_name("deid_keep.csv")
+ACTIONS = ("keep", "uid", "date", "empty", "pseudonym", "age", "sequence", "bulk")
 
-# PS3.15 Table E.1-1 attributes (action X/Z/D in the Basic Profile) that dicognito does not replace
-# itself: free text and identity-bearing attributes. Removed outright.
-REMOVE_KEYWORDS: tuple[str, ...] = (
-    "AccessionNumber",  # re-added empty below (type 2 in most IODs)
-    "AcquisitionComments",
-    "AdditionalPatientHistory",
-    "AdmittingDiagnosesCodeSequence",
-    "AdmittingDiagnosesDescription",
-    "Allergies",
-    "BranchOfService",
-    "ContentSequence",
-    "ContributionDescription",
-    "CurrentPatientLocation",
-    "CustodialOrganizationSequence",
-    "DerivationDescription",
-    "DeviceSerialNumber",
-    "DischargeDiagnosisDescription",
-    "EthnicGroup",
-    "FrameComments",
-    "IdentifyingComments",
-    "ImageComments",
-    "ImagePresentationComments",
-    "ImagingServiceRequestComments",
-    "InstitutionAddress",
-    "InstitutionName",
-    "InstitutionalDepartmentName",
-    "IssuerOfPatientID",
-    "MedicalAlerts",
-    "MedicalRecordLocator",
-    "MilitaryRank",
-    "ModifiedAttributesSequence",
-    "NameOfPhysiciansReadingStudy",
-    "Occupation",
-    "OperatorsName",
-    "OriginalAttributesSequence",
-    "OtherPatientIDs",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "PatientAddress",
-    "PatientBirthName",
-    "PatientBirthTime",
-    "PatientComments",
-    "PatientInsurancePlanCodeSequence",
-    "PatientMotherBirthName",
-    "PatientReligiousPreference",
-    "PatientState",
-    "PatientTelecomInformation",
-    "PatientTelephoneNumbers",
-    "PerformedProcedureStepDescription",
-    "PerformingPhysicianName",
-    "PhysiciansOfRecord",
-    "ProtocolName",
-    "ReasonForStudy",
-    "ReasonForTheRequestedProcedure",
-    "ReferencedPatientPhotoSequence",
-    "ReferringPhysicianAddress",
-    "ReferringPhysicianTelephoneNumbers",
-    "RegionOfResidence",
-    "RequestAttributesSequence",
-    "RequestedProcedureDescription",
-    "RequestingPhysician",
-    "RequestingService",
-    "ResultsComments",
-    "ScheduledProcedureStepDescription",
-    "SeriesDescription",
-    "ServiceEpisodeDescription",
-    "SpecialNeeds",
-    "StationName",
-    "StudyComments",
-    "StudyDescription",
-    "StudyID",
-    "TextComments",
-    "TextString",
-    "TopicAuthor",
-    "TopicKeywords",
-    "TopicSubject",
-    "TopicTitle",
-    "VisitComments",
+
+@dataclass(frozen=True)
+class Keep:
+    """One row of the keep-list."""
+
+    keyword: str
+    tag: int
+    action: str  # one of ACTIONS
+    profile: str  # PS3.15 Table E.1-1 action of the Basic Profile ("-": not in the table)
+    option: str  # the CID 7050 option code that allows keeping it, where the profile alone would not
+    reason: str
+
+
+def load_keep(path: Path = KEEP_FILE) -> dict[int, Keep]:
+    """The keep-list by tag; raises ValueError on an unknown keyword or action (a bug in the list)."""
+    keep: dict[int, Keep] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            tag = tag_for_keyword(row["keyword"])
+            if tag is None or row["action"] not in ACTIONS:
+                raise ValueError(f"{path}: bad row {row}")
+            keep[tag] = Keep(row["keyword"], tag, row["action"], row["profile"], row["option"], row["reason"])
+    return keep
+
+
+KEEP: dict[int, Keep] = load_keep()
+#: attributes whose values identify someone: collected from the source header (with every PN element)
+#: so that a kept value that repeats one is blanked
+IDENTIFIER_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+    "PatientMotherBirthName", "PatientBirthDate", "PatientAddress", "PatientTelephoneNumbers", "MedicalRecordLocator",
+    "AccessionNumber", "StudyID", "AdmissionID", "ReferringPhysicianName", "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician", "OperatorsName",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber",
+    "DetectorID", "ResponsiblePerson", "ResponsibleOrganization",
 )
-REMOVE_TAGS = tuple(tag_for_keyword(k) for k in REMOVE_KEYWORDS)
-# Type 2 attributes most image IODs require to be present (empty is fine).
-EMPTY_KEYWORDS = ("AccessionNumber", "PatientBirthDate", "ReferringPhysicianName", "StudyID")
+_IDENTIFIER_TAGS = tuple(tag_for_keyword(k) for k in IDENTIFIER_KEYWORDS)
+_BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "CS", "AE", "PN", "UR"})
+_CS = re.compile(r"^[A-Z0-9 _]{0,16}$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_AGE = re.compile(r"^([0-9]{3})([DWMY])$")
+_DATE_FORMS = (re.compile(r"^([0-9]{4})([0-9]{2})([0-9]{2})$"), re.compile(r"^([0-9]{4})[-./]([0-9]{2})[-./]([0-9]{2})$"))
+_MAX_VALUE_BYTES = 1024  # a kept non-bulk value longer than this is not a header value
+#: Options of the output's DeidentificationMethodCodeSequence (PS3.16 CID 7050)
+METHOD_CODES = (
+    ("113100", "Basic Application Confidentiality Profile"),
+    ("113105", "Clean Descriptors Option"),
+    ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    ("113108", "Retain Patient Characteristics Option"),
+)
+#: the file meta elements a written file carries (PS3.10); every other group 2 element is dropped
+_META_KEEP = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
 
 
-class KeyMissingError(RuntimeError):
-    """No pseudonymisation key is configured for real (non-demo) data."""
+def is_uid(value: str) -> bool:
+    """Whether ``value`` is a syntactically valid UID (digits and dots, at most 64 characters)."""
+    return bool(_UID.match(value)) and len(value) <= 64
 
 
-def key_help() -> str:
-    return (
-        f"set {ENV_KEY} to a long random secret, or {ENV_KEY_FILE} to a file holding one, or create "
-        f"{LOCAL_KEY_FILE} (run `medtl keygen`). Keep it out of git and back it up: the same key must "
-        "be used for every run on a dataset, or patients get new pseudonyms."
-    )
+def _normalise(text: str) -> str:
+    return " ".join(re.split(r"[\s^=,]+", text.lower())).strip()
 
 
-def resolve_key(*, synthetic: bool) -> tuple[bytes, str]:
-    """Return ``(key, source)`` for pseudonymisation.
+def identifiers(ds: Dataset) -> frozenset[str]:
+    """Identifier strings of a source header (lower case, ``^``/``=`` as spaces; 3 characters or more).
 
-    Args:
-        synthetic: the input is the synthetic demo cohort (the only case allowed to use DEMO_KEY).
-
-    Raises:
-        KeyMissingError: no key is configured and the input is not synthetic.
+    The values of :data:`IDENTIFIER_KEYWORDS` and of every top-level PN element, whole and (names)
+    by component. Used only in memory, to blank a kept value that repeats one of them.
     """
-    if os.environ.get(ENV_KEY):
-        return os.environ[ENV_KEY].encode(), f"${ENV_KEY}"
-    candidates = []
-    if os.environ.get(ENV_KEY_FILE):
-        candidates.append(Path(os.environ[ENV_KEY_FILE]))
-    candidates += [LOCAL_KEY_FILE, USER_KEY_FILE.expanduser()]
-    for path in candidates:
-        if path.is_file():
-            key = path.read_bytes().strip()
-            if len(key) < 16:
-                raise KeyMissingError(f"{path}: pseudonymisation key is shorter than 16 bytes; {key_help()}")
-            return key, str(path)
-    if os.environ.get(ENV_KEY_FILE):
-        raise KeyMissingError(f"{os.environ[ENV_KEY_FILE]} (from ${ENV_KEY_FILE}) does not exist; {key_help()}")
-    if synthetic:
-        log.warning("using the public demo pseudonymisation key: acceptable for the synthetic cohort only")
-        return DEMO_KEY, "demo key (synthetic cohort)"
-    raise KeyMissingError(f"no pseudonymisation key configured for real data: {key_help()}")
-
-
-def write_new_key(path: Path = LOCAL_KEY_FILE) -> Path:
-    """Create a random key file readable by its owner only; refuses to overwrite one."""
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; remove it only if no data was pseudonymised with it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(48) + "\n")
-    return path
-
-
-_REMOVE_SET = frozenset(REMOVE_TAGS)
-
-
-def _strip(ds: Dataset) -> None:
-    """Remove private tags, curves, overlays and REMOVE_KEYWORDS, recursing into sequences.
-
-    Works on the tags (``ds.keys()``) so that raw values are not decoded just to be looked at;
-    dicognito's single walk afterwards decodes what remains.
-    """
-    for tag in list(ds.keys()):
-        group = tag.group
-        if tag.is_private or tag in _REMOVE_SET or 0x5000 <= group <= 0x50FF or 0x6000 <= group <= 0x60FF:
-            del ds[tag]  # private tags, the profile's removals, curves and overlays (may hold text)
-            continue
+    tokens: set[str] = set()
+    tags = set(_IDENTIFIER_TAGS)
+    for tag in ds.keys():
         raw = ds.get_item(tag)
-        vr = raw.VR if raw is not None and raw.VR else (dictionary_VR(tag) if tag in DicomDictionary else "")
-        if vr == "SQ":
-            for item in ds[tag].value or []:
-                _strip(item)
+        vr = getattr(raw, "VR", None) or _dictionary_vr(tag)
+        if vr == "PN":
+            tags.add(tag)
+    for tag in tags:
+        try:
+            value = ds[tag].value if tag in ds else None
+        except Exception:  # noqa: BLE001 - an undecodable identifier: its raw bytes still count
+            raw = ds.get_item(tag)
+            value = raw.value.decode("latin-1", "replace") if raw is not None and isinstance(raw.value, bytes) else None
+        if value is None or value == "":
+            continue
+        for item in value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]:
+            text = _normalise(str(item))
+            if len(text) >= 3:
+                tokens.add(text)
+            tokens.update(part for part in text.split() if len(part) >= 3)
+    return frozenset(tokens)
+
+
+def _mentions(value: object, tokens: frozenset[str]) -> bool:
+    if not tokens:
+        return False
+    text = _normalise(value.decode("latin-1", "replace") if isinstance(value, bytes) else str(value))
+    return any(token in text for token in tokens)
+
+
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -220,11 +177,6 @@ class Pseudonymizer:
         """HMAC-SHA256 of ``value`` in namespace ``kind``, hex (irreversible without the key)."""
         return hmac.new(self.key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
 
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the key (not reversible); caches made under another key are discarded."""
-        return self.token("fingerprint", DEID_VERSION)[:16]
-
     def patient_key(self, patient_id: str, issuer: str = "") -> str:
         """Pseudonymous patient key, e.g. ``P-5KQ2M7XJ3LRA``: same patient → same key, for this key."""
         digest = hmac.new(self.key, f"patient\x00{issuer}\x00{patient_id}".encode(), hashlib.sha256).digest()
@@ -234,29 +186,137 @@ class Pseudonymizer:
         """Pseudonymous site key (institution names are removed from the data)."""
         return "site-" + self.token("site", f"{institution}\x00{manufacturer}")[:8]
 
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one instance per run, bounded
-    def _anonymizer(self, patient_key: str) -> Anonymizer:
-        return Anonymizer(seed=self.token("dicognito", patient_key))
+    def file_id(self, relpath: str) -> str:
+        """Keyed id of an input path (paths often hold names and MRNs): what outputs show instead."""
+        return "f-" + self.token("file", relpath)[:16]
 
-    def deidentify(self, ds: Dataset, patient_key: str) -> None:
-        """De-identify ``ds`` in place (file meta included). See the module docstring for what is done."""
-        _strip(ds)
-        self._anonymizer(patient_key).anonymize(ds)
-        for keyword in EMPTY_KEYWORDS:
-            setattr(ds, keyword, "")
-        ds.PatientID = patient_key
-        ds.PatientName = patient_key
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = f"medtl v{DEID_VERSION} PS3.15 Basic Profile, dicognito"  # LO: <= 64 chars
+    def uid(self, uid: str) -> str:
+        """The remapped UID: ``2.25.`` and 128 bits of an HMAC of the original (at most 44 characters)."""
+        digest = hmac.new(self.key, f"uid\x00{uid}".encode(), hashlib.sha256).digest()
+        return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+    def date_shift(self, patient_key: str) -> dt.timedelta:
+        """The patient's date offset: 365 to 4014 days back, one per patient and key."""
+        digest = hmac.new(self.key, f"date-shift\x00{patient_key}".encode(), hashlib.sha256).digest()
+        return dt.timedelta(days=365 + int.from_bytes(digest[:4], "big") % 3650)
+
+    def deidentify(self, ds: Dataset, patient_key: str) -> Dataset:
+        """A new, de-identified dataset rebuilt from ``ds`` by :data:`KEEP` (file meta included).
+
+        ``ds`` is not changed. Raises what pydicom raises for an element that cannot be decoded at
+        all; every other problem drops the element.
+        """
+        tokens = identifiers(ds)
+        out = _Rebuild(self, patient_key, tokens).dataset(ds)
+        out.LongitudinalTemporalInformationModified = "MODIFIED"
+        out.PatientIdentityRemoved = "YES"
+        out.DeidentificationMethod = f"medtl v{DEID_VERSION} allow-list PS3.15 Basic Profile"  # LO: <= 64 chars
         codes = []
-        for value, meaning in (
-            ("113100", "Basic Application Confidentiality Profile"),
-            ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
-            ("113108", "Retain Patient Characteristics Option"),
-        ):
+        for value, meaning in METHOD_CODES:
             item = Dataset()
             item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
             codes.append(item)
-        ds.DeidentificationMethodCodeSequence = pydicom.Sequence(codes)
-        if getattr(ds, "file_meta", None) is not None and "SOPInstanceUID" in ds:
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out.DeidentificationMethodCodeSequence = Sequence(codes)
+        meta = FileMetaDataset()
+        source_meta = getattr(ds, "file_meta", None)
+        transfer_syntax = source_meta.get("TransferSyntaxUID") if source_meta is not None else None
+        meta.TransferSyntaxUID = transfer_syntax or pydicom.uid.ImplicitVRLittleEndian
+        if "SOPClassUID" in out:
+            meta.MediaStorageSOPClassUID = out.SOPClassUID
+        if "SOPInstanceUID" in out:
+            meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+        out.file_meta = meta
+        out.preamble = b"\x00" * 128
+        return out
+
+
+class _Rebuild:
+    """One instance's rebuild: the keep-list applied at every depth."""
+
+    def __init__(self, pseudo: Pseudonymizer, patient_key: str, tokens: frozenset[str]):
+        self.pseudo, self.patient_key, self.tokens = pseudo, patient_key, tokens
+        self.charset = None
+
+    def dataset(self, source: Dataset) -> Dataset:
+        out = Dataset()
+        for tag in source.keys():
+            if tag.group == 0x0002:
+                continue  # file meta is rebuilt by deidentify
+            rule = KEEP.get(tag)
+            if rule is None or tag.is_private:
+                continue
+            elem = self.element(source, tag, rule)
+            if elem is not None:
+                out.add(elem)
+        return out
+
+    def element(self, source: Dataset, tag: Tag, rule: Keep) -> DataElement | None:
+        action = rule.action
+        if action == "pseudonym":
+            return DataElement(tag, _dictionary_vr(tag), self.patient_key)
+        if action == "empty":
+            return DataElement(tag, _dictionary_vr(tag), "" if _dictionary_vr(tag) != "SQ" else Sequence())
+        elem = source[tag]
+        expected = _dictionary_vr(tag)
+        if elem.VR != expected and elem.VR not in expected.split(" or "):
+            return None  # stored under another VR: whatever it holds, it is not this attribute's value
+        if action == "bulk":
+            return elem
+        if action == "sequence":
+            if elem.VR != "SQ":
+                return None
+            items = Sequence([self.dataset(item) for item in (elem.value or [])])
+            return DataElement(tag, "SQ", items)
+        value = elem.value
+        if value is None or value == "":
+            return elem
+        if action == "uid":
+            return DataElement(tag, "UI", self.pseudo.uid(str(value)))
+        if action == "date":  # an unreadable date is dropped (present and empty): the file is kept
+            shifted = _shift_date(str(value), self.pseudo.date_shift(self.patient_key))
+            return DataElement(tag, "DA", shifted or "")
+        if action == "age":
+            match = _AGE.match(str(value).strip())
+            if not match:
+                return None
+            number, unit = int(match.group(1)), match.group(2)
+            return DataElement(tag, "AS", "090Y" if unit == "Y" and number >= 90 else f"{number:03d}{unit}")
+        return self.checked(elem)
+
+    def checked(self, elem: DataElement) -> DataElement | None:
+        """``keep``: the element when its value is valid for its VR and mentions no identifier."""
+        vr, value = elem.VR, elem.value
+        values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+        if vr in _BULK_VRS or vr == "SQ":
+            return None  # only ``bulk``/``sequence`` rows may carry these
+        if vr in {"US", "SS", "UL", "SL", "FL", "FD", "AT", "UV", "SV"}:
+            return elem if len(values) <= 16 else None
+        text = "\\".join(str(v) for v in values)
+        if len(text.encode("utf-8", "replace")) > _MAX_VALUE_BYTES:
+            return None
+        if vr == "CS" and not all(_CS.match(str(v)) for v in values):
+            return None
+        if vr in {"DS", "IS"}:
+            try:
+                numbers = [float(v) for v in values]
+            except (TypeError, ValueError):
+                return None
+            return elem if all(n == n and abs(n) != float("inf") for n in numbers) else None
+        if vr == "UI" and not all(is_uid(str(v)) for v in values):
+            return None
+        if _mentions(text, self.tokens):
+            return DataElement(elem.tag, vr, "") if vr in _TEXT_VRS else None
+        return elem
+
+
+def _shift_date(value: str, shift: dt.timedelta) -> str | None:
+    """``value`` (YYYYMMDD, or the dashed/dotted forms old exports write) shifted back; None if unreadable."""
+    for form in _DATE_FORMS:
+        match = form.match(value.strip())
+        if match:
+            try:
+                date = dt.date(*(int(g) for g in match.groups()))
+            except ValueError:
+                return None
+            return (date - shift).strftime("%Y%m%d")
+    return None

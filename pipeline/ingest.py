@@ -32,12 +32,14 @@ single-frame slices — with ``paths`` (relative to OUT) ordered by slice positi
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -52,13 +54,16 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
-from pipeline import deid
+from pipeline import deid, keys
+from pipeline.errors import MedtlError, output_error
 from pipeline.fanout import FanoutParams, map_ordered
-from pipeline.io_utils import atomic_write_bytes, atomic_write_text, csv_text
+from pipeline.io_utils import atomic_write_bytes, atomic_write_text, content_hash, csv_text, remove_stale_temps
+from pipeline.params import param
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+CACHE_SALT = "medtl-ingest-cache-v2"  # see RecordCache
 SIDECAR_NAMES = frozenset({"medtl_synth.json"})  # written by `medtl synth` next to the tree
 LABEL_KEYS = ("file", "sop_instance_uid", "series_instance_uid", "study_instance_uid", "accession_number")
 #: Columns of the lesion ground-truth sidecar (original UIDs; pixel coordinates 0-based, in the instance's grid).
@@ -88,6 +93,18 @@ UNLABELLED = "unlabelled"
 DUPLICATE = "duplicate"
 INCONSISTENT_SERIES = "inconsistent_series"
 CONFLICTING_LABEL = "conflicting_label"
+TOO_LARGE = "too_large"
+SPECIAL_FILE = "special_file"
+UNREADABLE = "unreadable"
+SYMLINK = "symlink"
+BAD_NAME = "bad_name"
+WORKER_DIED = "worker_died"
+NEEDS_SITE_KEY = "needs_site_key"
+MB = 1024 * 1024
+
+
+class IngestError(MedtlError):
+    """The ingest cannot run as asked (input missing, output inside the input, ...)."""
 
 
 @dataclass(frozen=True)
@@ -103,13 +120,18 @@ class IngestParams:
         min_volume_slices: fewer slices than this in such a series are treated as 2D images.
         max_gap_ratio: a gap between neighbouring slices larger than this × the median spacing
             means missing slices, and the series is rejected.
+        max_file_mb: a larger file is rejected (``too_large``) before it is read.
+        max_pixel_mb: an image whose header declares more pixel bytes than this (rows × columns ×
+            frames × samples × bits allocated) is rejected before anything is decoded.
     """
 
-    workers: int = 0
+    workers: int = param(0, min=0)
     verify_pixels: bool = True
     volume_modalities: tuple[str, ...] = ("CT", "MR", "PT", "NM")
-    min_volume_slices: int = 3
-    max_gap_ratio: float = 1.5
+    min_volume_slices: int = param(3, min=2)
+    max_gap_ratio: float = param(1.5, min=1.0, min_exclusive=True)
+    max_file_mb: float = param(1024.0, min=0.0, min_exclusive=True)
+    max_pixel_mb: float = param(1024.0, min=0.0, min_exclusive=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "volume_modalities", tuple(self.volume_modalities))
@@ -189,6 +211,8 @@ class _ScanContext:
     key: bytes
     params: IngestParams
     known: frozenset[str] = frozenset()  # content hashes already in the cache
+    demo: bool = False  # the key is the public demo key: only files synth wrote are accepted
+    synthetic: frozenset[str] = frozenset()  # content ids synth's marker lists
 
 
 _CTX: _ScanContext | None = None
@@ -200,29 +224,45 @@ def _init_worker(ctx: _ScanContext) -> None:
     _CTX, _PSEUDO = ctx, deid.Pseudonymizer(ctx.key)
 
 
+class _BadAttribute(Exception):
+    """An attribute ingest needs holds a value of the wrong kind (the keyword, never the value)."""
+
+
 def _reject(record: FileRecord, category: str, detail: str) -> FileRecord:
-    record.reason = f"{category}: {' '.join(detail.split())}"  # one line, whatever the exception said
+    record.reason = f"{category}: {' '.join(detail.split())}"  # one line
     return record
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # noqa: BLE001 - a value that does not decode is a property of the file
+        raise _BadAttribute(keyword) from None
     return "" if value is None else str(value).strip()
 
 
-def _floats(ds: pydicom.Dataset, keyword: str) -> list[float]:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return []
+def _int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
     try:
-        return [float(v) for v in (value if isinstance(value, Iterable) and not isinstance(value, str) else [value])]
-    except (TypeError, ValueError):
+        value = ds.get(keyword, default)
+        return default if value is None or value == "" else int(value)
+    except Exception:  # noqa: BLE001 - not a whole number
+        raise _BadAttribute(keyword) from None
+
+
+def _floats(ds: pydicom.Dataset, keyword: str) -> list[float]:
+    """The numbers of a DS/FD attribute; an unreadable value counts as absent (the rebuild drops those)."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return []
+        values = [float(v) for v in (value if isinstance(value, Iterable) and not isinstance(value, str) else [value])]
+    except Exception:  # noqa: BLE001 - not numbers
         return []
+    return values if all(np.isfinite(values)) else []
 
 
 def _read(data: bytes) -> pydicom.Dataset:
-    """Parse a file. Values convert lazily: de-identification touches every element, so a corrupt
-    value fails there (and is reported as corrupt) before anything is written."""
+    """Parse a file; values convert lazily (the rebuild decodes only what it keeps)."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError:
@@ -234,20 +274,25 @@ def _read(data: bytes) -> pydicom.Dataset:
     return ds
 
 
-def _expected_native_bytes(ds: pydicom.Dataset) -> int:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    bits = int(ds.BitsAllocated)
-    pixels = int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1) or 1)
-    return (pixels * bits + 7) // 8
+def _declared_pixel_bytes(ds: pydicom.Dataset) -> int:
+    """Bytes the header says the decoded pixels take: rows × columns × frames × samples × bits / 8."""
+    frames = _int(ds, "NumberOfFrames", 1)
+    pixels = _int(ds, "Rows", 0) * _int(ds, "Columns", 0) * max(frames, 1) * max(_int(ds, "SamplesPerPixel", 1), 1)
+    return (pixels * _int(ds, "BitsAllocated", 0) + 7) // 8
 
 
-def _check_pixels(ds: pydicom.Dataset, record: FileRecord, verify: bool) -> FileRecord | None:
-    """Reject if the pixel data cannot be decoded here; return None when fine."""
+def _check_pixels(ds: pydicom.Dataset, record: FileRecord, params: IngestParams) -> FileRecord | None:
+    """Reject if the pixel data is too large or cannot be decoded here; return None when fine."""
     tsyntax = UID(record.transfer_syntax) if record.transfer_syntax else None
     if "PixelData" not in ds:
         return None  # float pixel data: native by definition
     if not record.rows or not record.cols or "BitsAllocated" not in ds:
         return _reject(record, CORRUPT, "image without Rows/Columns/BitsAllocated")
+    declared = _declared_pixel_bytes(ds)
+    if declared > params.max_pixel_mb * MB:
+        return _reject(record, TOO_LARGE, f"Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated "
+                                          f"declare {declared / MB:.0f} MB of pixels, above ingest.max_pixel_mb "
+                                          f"({params.max_pixel_mb:g})")
     if tsyntax is not None and tsyntax.is_compressed:
         try:
             decoder = get_decoder(tsyntax)
@@ -256,20 +301,32 @@ def _check_pixels(ds: pydicom.Dataset, record: FileRecord, verify: bool) -> File
         if not decoder.is_available:
             missing = "; ".join(f"{name}: {', '.join(deps)}" for name, deps in decoder.missing_dependencies[:3])
             return _reject(record, NO_DECODER, f"no decoder installed for {tsyntax.name} (plugins: {missing})")
-        if verify:
+        if params.verify_pixels:
             try:
                 ds.pixel_array  # noqa: B018 - decode to prove the stream is whole
             except Exception as exc:  # noqa: BLE001 - any decoder failure means an unusable stream
-                return _reject(record, CORRUPT, f"compressed pixel data does not decode ({type(exc).__name__}: {str(exc)[:300]})")
+                return _reject(record, CORRUPT, f"compressed pixel data does not decode ({type(exc).__name__})")
         return None
-    expected, actual = _expected_native_bytes(ds), len(ds.PixelData)
-    if actual < expected:
-        return _reject(record, CORRUPT, f"pixel data truncated ({actual} of {expected} bytes)")
+    actual = len(ds.PixelData)
+    if actual < declared:
+        return _reject(record, CORRUPT, f"pixel data truncated ({actual} of {declared} bytes)")
     return None
 
 
 def _scan_bytes(data: bytes, content_hash: str, ctx: _ScanContext, pseudo: deid.Pseudonymizer) -> FileRecord:
+    """Classify, de-identify and write one file; a hostile or broken file gives a reason, never an exception."""
     record = FileRecord(content_hash=content_hash)
+    try:
+        return _scan_dataset(data, record, ctx, pseudo)
+    except _BadAttribute as exc:
+        return _reject(FileRecord(content_hash=content_hash), CORRUPT, f"attribute {exc} holds a value of the wrong kind")
+    except Exception as exc:  # noqa: BLE001 - no file may stop the stage; the type names what failed, never a value
+        log.warning("a file could not be processed (%s); it is rejected as corrupt", type(exc).__name__)
+        return _reject(FileRecord(content_hash=content_hash), CORRUPT,
+                       f"could not be processed ({type(exc).__name__}); if it opens in a DICOM viewer, report it")
+
+
+def _scan_dataset(data: bytes, record: FileRecord, ctx: _ScanContext, pseudo: deid.Pseudonymizer) -> FileRecord:
     if not data:
         return _reject(record, NOT_DICOM, "empty file")
     try:
@@ -277,73 +334,77 @@ def _scan_bytes(data: bytes, content_hash: str, ctx: _ScanContext, pseudo: deid.
     except InvalidDicomError:
         return _reject(record, NOT_DICOM, "no DICOM preamble/prefix and not a DICOM dataset")
     except Exception as exc:  # noqa: BLE001 - a parser failure is a property of the file
-        return _reject(record, CORRUPT, f"cannot be parsed ({type(exc).__name__}: {str(exc)[:300]})")
+        return _reject(record, CORRUPT, f"cannot be parsed ({type(exc).__name__})")
 
     meta = getattr(ds, "file_meta", None)
-    media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    media_class = _text(meta, "MediaStorageSOPClassUID") if meta is not None else ""
     if media_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         return _reject(record, DICOMDIR, "media directory (DICOMDIR) file, holds no image")
     sop_class = UID(_text(ds, "SOPClassUID") or media_class)
-    record.sop_class_uid = str(sop_class)
-    class_name = sop_class.name if sop_class else "unknown SOP class"
+    record.sop_class_uid = str(sop_class) if deid.is_uid(str(sop_class)) else ""
+    class_name = sop_class.name if record.sop_class_uid else "unknown SOP class"
     if not any(k in ds for k in PIXEL_KEYWORDS):
         if "Image Storage" in class_name:  # an image object that lost its pixels: cut short or stripped
             return _reject(record, CORRUPT, f"{class_name} object without pixel data (truncated or stripped file)")
         return _reject(record, NON_IMAGE, f"{class_name} object without pixel data")
-    if str(sop_class) in NON_IMAGE_WITH_PIXELS:
-        return _reject(record, NON_IMAGE, NON_IMAGE_WITH_PIXELS[str(sop_class)])
+    if record.sop_class_uid in NON_IMAGE_WITH_PIXELS:
+        return _reject(record, NON_IMAGE, NON_IMAGE_WITH_PIXELS[record.sop_class_uid])
     if _text(ds, "BurnedInAnnotation").upper() == "YES":
         return _reject(record, BURNED_IN, "BurnedInAnnotation is YES: text in the pixels may identify the patient")
 
-    ts = meta.get("TransferSyntaxUID") if meta is not None else None
-    record.transfer_syntax = str(ts) if ts else str(pydicom.uid.ImplicitVRLittleEndian)
-    record.rows, record.cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    rejected = _check_pixels(ds, record, ctx.params.verify_pixels)
+    ts = _text(meta, "TransferSyntaxUID") if meta is not None else ""
+    if ts and not deid.is_uid(ts):
+        return _reject(record, CORRUPT, "file meta TransferSyntaxUID is not a UID")
+    record.transfer_syntax = ts or str(pydicom.uid.ImplicitVRLittleEndian)
+    record.rows, record.cols = _int(ds, "Rows", 0), _int(ds, "Columns", 0)
+    rejected = _check_pixels(ds, record, ctx.params)
     if rejected is not None:
         return rejected
 
     patient_id = _text(ds, "PatientID")
     if not patient_id:
         return _reject(record, NO_PATIENT_ID, "no PatientID: the image cannot be assigned to a patient for splitting")
-    if not _text(ds, "SOPInstanceUID") or not _text(ds, "SeriesInstanceUID") or not _text(ds, "StudyInstanceUID"):
+    uids = [_text(ds, k) for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")]
+    if not all(uids):
         return _reject(record, CORRUPT, "missing SOP/Series/Study Instance UID")
 
     # Keyed hashes of the original identifiers: for the label join and grouping, never the values.
     record.patient_key = pseudo.patient_key(patient_id, _text(ds, "IssuerOfPatientID"))
-    record.k_sop = pseudo.token("sop", _text(ds, "SOPInstanceUID"))
-    record.k_series = pseudo.token("series", _text(ds, "SeriesInstanceUID"))
-    record.k_study = pseudo.token("study", _text(ds, "StudyInstanceUID"))
+    record.k_sop, record.k_series, record.k_study = (pseudo.token(kind, uid) for kind, uid in
+                                                     zip(("sop", "series", "study"), uids))
     accession = _text(ds, "AccessionNumber")
     record.k_accession = pseudo.token("accession", accession) if accession else ""
-    record.manufacturer = _text(ds, "Manufacturer")
-    record.model = _text(ds, "ManufacturerModelName")
-    record.site = pseudo.site_key(_text(ds, "InstitutionName"), record.manufacturer)
-    record.modality = _text(ds, "Modality") or "OT"
-    record.image_type = "\\".join(str(v) for v in (ds.get("ImageType") or []))
-    record.frames = int(ds.get("NumberOfFrames", 1) or 1)
-    record.samples_per_pixel = int(ds.get("SamplesPerPixel", 1) or 1)
-    record.photometric = _text(ds, "PhotometricInterpretation")
-    record.bits_allocated = int(ds.get("BitsAllocated", 0) or 0)
-    record.bits_stored = int(ds.get("BitsStored", record.bits_allocated) or 0)
-    record.pixel_representation = int(ds.get("PixelRepresentation", 0) or 0)
-    slope, intercept = _floats(ds, "RescaleSlope"), _floats(ds, "RescaleIntercept")
-    record.rescale_slope = slope[0] if slope else 1.0
-    record.rescale_intercept = intercept[0] if intercept else 0.0
-    record.pixel_spacing = _floats(ds, "PixelSpacing") or _floats(ds, "ImagerPixelSpacing")
-    thickness = _floats(ds, "SliceThickness")
-    record.slice_thickness = thickness[0] if thickness else None
-    record.orientation = _floats(ds, "ImageOrientationPatient")
-    record.position = _floats(ds, "ImagePositionPatient")
+    record.site = pseudo.site_key(_text(ds, "InstitutionName"), _text(ds, "Manufacturer"))
 
     try:
-        pseudo.deidentify(ds, record.patient_key)
+        out = pseudo.deidentify(ds, record.patient_key)
     except Exception as exc:  # noqa: BLE001 - never write a file we could not fully de-identify
-        return _reject(record, CORRUPT, f"an element cannot be read or de-identified ({type(exc).__name__}: {str(exc)[:300]})")
-    record.sop_uid, record.series_uid, record.study_uid = (
-        str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID),
-    )
+        return _reject(record, CORRUPT, f"a kept element cannot be read ({type(exc).__name__})")
+    # everything else the record holds comes from the de-identified output: the record describes it
+    record.sop_uid, record.series_uid, record.study_uid = (str(out.SOPInstanceUID), str(out.SeriesInstanceUID),
+                                                           str(out.StudyInstanceUID))
+    record.manufacturer = _text(out, "Manufacturer")
+    record.model = _text(out, "ManufacturerModelName")
+    record.modality = _text(out, "Modality") or "OT"
+    record.image_type = "\\".join(str(v) for v in (out.get("ImageType") or []))
+    record.frames = _int(out, "NumberOfFrames", 1)
+    record.samples_per_pixel = _int(out, "SamplesPerPixel", 1)
+    record.photometric = _text(out, "PhotometricInterpretation")
+    record.bits_allocated = _int(out, "BitsAllocated", 0)
+    record.bits_stored = _int(out, "BitsStored", record.bits_allocated)
+    record.pixel_representation = _int(out, "PixelRepresentation", 0)
+    slope, intercept = _floats(out, "RescaleSlope"), _floats(out, "RescaleIntercept")
+    record.rescale_slope = slope[0] if slope else 1.0
+    record.rescale_intercept = intercept[0] if intercept else 0.0
+    record.pixel_spacing = _floats(out, "PixelSpacing") or _floats(out, "ImagerPixelSpacing")
+    thickness = _floats(out, "SliceThickness")
+    record.slice_thickness = thickness[0] if thickness else None
+    record.orientation = _floats(out, "ImageOrientationPatient")
+    record.position = _floats(out, "ImagePositionPatient")
+    if "Rows" not in out or "Columns" not in out or "BitsAllocated" not in out:
+        return _reject(record, CORRUPT, "Rows/Columns/BitsAllocated hold values of the wrong kind")
     record.output = _output_path(record)
-    _write_dataset(ds, ctx.out_dir / record.output)
+    _write_dataset(out, ctx.out_dir / record.output)
     return record
 
 
@@ -358,28 +419,59 @@ def _write_dataset(ds: pydicom.Dataset, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue(), durable=False)  # regenerable from the raw file
 
 
-def _hash(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def _read_input(relpath: str, ctx: _ScanContext) -> tuple[bytes | None, str]:
+    """The bytes of an input file, or (None, reason) when it is too large or cannot be read."""
+    path = ctx.input_dir / relpath
+    try:
+        size = os.stat(path).st_size
+        if size > ctx.params.max_file_mb * MB:
+            return None, f"{TOO_LARGE}: file of {size / MB:.0f} MB, above ingest.max_file_mb ({ctx.params.max_file_mb:g})"
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # replaced by something else since the walk
+                return None, f"{SPECIAL_FILE}: not a regular file"
+            return fh.read(int(ctx.params.max_file_mb * MB) + 1), ""
+    except PermissionError:
+        return None, f"{UNREADABLE}: permission denied"
+    except OSError as exc:
+        return None, f"{UNREADABLE}: cannot be read ({exc.strerror or type(exc).__name__})"
 
 
-def _scan_file(relpath: str) -> tuple[str, FileRecord]:
-    """Worker entry: (relpath, record); the record's reason is ``__cached__`` for known content."""
+def _scan_file(entry: tuple[str, str]) -> tuple[str, FileRecord]:
+    """Worker entry: (relpath, record); the record's reason is ``__cached__`` for known content.
+
+    ``entry`` is (relpath, reason from the walk): an entry the walk already rejected is not opened.
+    """
     assert _CTX is not None and _PSEUDO is not None
-    data = (_CTX.input_dir / relpath).read_bytes()
-    content_hash = _hash(data)
-    if content_hash in _CTX.known:
-        return relpath, FileRecord(content_hash=content_hash, reason="__cached__")
-    return relpath, _scan_bytes(data, content_hash, _CTX, _PSEUDO)
+    relpath, reason = entry
+    if reason:
+        return relpath, FileRecord(content_hash="", reason=reason)
+    data, reason = _read_input(relpath, _CTX)
+    if data is None:
+        return relpath, FileRecord(content_hash="", reason=reason)
+    content_id = content_hash(data)
+    if content_id in _CTX.known:
+        return relpath, FileRecord(content_hash=content_id, reason="__cached__")
+    if _CTX.demo and content_id not in _CTX.synthetic:
+        return relpath, _reject(FileRecord(content_hash=""), NEEDS_SITE_KEY,
+                                "not a file `medtl synth` wrote, and only those may use the public demo key: "
+                                "configure a site key (`medtl keygen`)")
+    return relpath, _scan_bytes(data, content_id, _CTX, _PSEUDO)
+
+
+def _scan_crashed(entry: tuple[str, str], detail: str) -> tuple[str, FileRecord]:
+    """What a file whose worker process died (twice, the second time alone) becomes: a rejection."""
+    return entry[0], _reject(FileRecord(content_hash=""), WORKER_DIED, detail)
 
 
 def _rewrite_output(task: tuple[str, str]) -> str:
     """Worker entry for phase 3: redo the de-identified copy of a cached record whose output is gone."""
     relpath, expected_output = task
     assert _CTX is not None and _PSEUDO is not None
-    data = (_CTX.input_dir / relpath).read_bytes()
-    record = _scan_bytes(data, _hash(data), _CTX, _PSEUDO)
-    if record.output != expected_output:
-        raise RuntimeError(f"{relpath}: changed while ingesting (re-read gives a different record)")
+    data, reason = _read_input(relpath, _CTX)
+    record = _scan_bytes(data, content_hash(data), _CTX, _PSEUDO) if data is not None else None
+    if record is None or record.output != expected_output:
+        raise IngestError(f"input file {_PSEUDO.file_id(relpath)} changed while ingesting: run ingest again")
     return relpath
 
 
@@ -391,33 +483,45 @@ class RecordCache:
     """Append-only JSON-lines cache of FileRecords keyed by content hash.
 
     Each record is appended (and flushed) as soon as its file is done, so a killed run loses at most
-    the files in flight. The header line names the key fingerprint and versions; a cache made under
-    another key or version is discarded together with the outputs it describes.
+    the files in flight. The header line holds the versions and a slow key check
+    (:func:`pipeline.keys.key_check`, scrypt: it tells whether the cache was made with the same key
+    and costs an offline guesser ~75 ms per guess); a cache made under another key or version is
+    discarded together with the outputs it describes. The salt is fixed (:data:`CACHE_SALT`), not
+    random, so that the cache (a DVC output) is the same bytes on every machine: a random salt would
+    not add protection here, as the pseudonyms in every output are keyed hashes of identifiers a
+    guesser may know — the key's own strength (``pipeline.keys``: 128 bits or more) is what protects.
     """
 
-    def __init__(self, path: Path, fingerprint: str):
-        self.path, self.fingerprint = path, fingerprint
-        self.header = {"cache_version": CACHE_VERSION, "deid_version": deid.DEID_VERSION, "key": fingerprint}
+    def __init__(self, path: Path, secret: bytes):
+        self.path = path
         self.records: dict[str, FileRecord] = {}
-        self.valid = self._load()
+        self.header = self._load(secret)
+        self.valid = self.header is not None
+        if self.header is None:
+            self.header = {"cache_version": CACHE_VERSION, "deid_version": deid.DEID_VERSION, "salt": CACHE_SALT,
+                           "key_check": keys.key_check(secret, CACHE_SALT)}
         self._fh = None
 
-    def _load(self) -> bool:
+    def _load(self, secret: bytes) -> dict | None:
+        """The header of a usable cache (its records loaded), or None: absent, other key or version."""
         if not self.path.exists():
-            return True
-        lines = self.path.read_text().splitlines()
+            return None
+        lines = self.path.read_text(errors="replace").splitlines()
         try:
-            if not lines or json.loads(lines[0]) != self.header:
-                return False
+            header = json.loads(lines[0]) if lines else {}
         except json.JSONDecodeError:
-            return False
+            return None
+        if not isinstance(header, dict) or header.get("cache_version") != CACHE_VERSION \
+                or header.get("deid_version") != deid.DEID_VERSION \
+                or not keys.key_matches(secret, header.get("salt"), header.get("key_check")):
+            return None
         for line in lines[1:]:
             try:
                 rec = FileRecord(**json.loads(line))
             except (json.JSONDecodeError, TypeError):
                 continue  # a line cut by a kill
             self.records[rec.content_hash] = rec
-        return True
+        return header
 
     def append(self, record: FileRecord) -> None:
         if self._fh is None:
@@ -448,7 +552,7 @@ class RecordCache:
 # labels
 
 
-class LabelsError(ValueError):
+class LabelsError(MedtlError, ValueError):
     """The labels CSV cannot be used; the message names the file and the problem."""
 
 
@@ -474,34 +578,58 @@ def read_labels(path: Path, pseudo: deid.Pseudonymizer) -> Labels:
     Identifier values are hashed with the site key at once, so they never reach outputs or logs.
     """
     path = Path(path)
-    if not path.is_file():
-        raise LabelsError(f"{path}: labels file does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        keys = [h for h in header if h in LABEL_KEYS]
-        if "label" not in header:
-            raise LabelsError(f"{path}: no 'label' column (header is {header})")
-        if len(keys) != 1:
-            raise LabelsError(
-                f"{path}: needs exactly one key column out of {list(LABEL_KEYS)}, found {keys or 'none'} in {header}"
-            )
-        key = keys[0]
-        kind = {"sop_instance_uid": "sop", "series_instance_uid": "series", "study_instance_uid": "study",
-                "accession_number": "accession"}.get(key)
-        by_value: dict[str, str] = {}
-        for line_no, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            raw, label = row.get(key, ""), row.get("label", "")
-            if not raw or not label:
-                raise LabelsError(f"{path}:{line_no}: empty {key!r} or 'label'")
-            value = Path(raw).as_posix() if kind is None else pseudo.token(kind, raw)
-            if by_value.get(value, label) != label:
-                raise LabelsError(f"{path}:{line_no}: {key} given twice with different labels")
-            by_value[value] = label
+    reader = csv.DictReader(io.StringIO(_read_csv_text(path, "labels")))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    key_columns = [h for h in header if h in LABEL_KEYS]
+    if "label" not in header:
+        raise LabelsError(f"{path}: no 'label' column (header is {header})")
+    if len(key_columns) != 1:
+        raise LabelsError(f"{path}: needs exactly one key column out of {list(LABEL_KEYS)}, found "
+                          f"{key_columns or 'none'} in {header}")
+    key = key_columns[0]
+    kind = {"sop_instance_uid": "sop", "series_instance_uid": "series", "study_instance_uid": "study",
+            "accession_number": "accession"}.get(key)
+    by_value: dict[str, str] = {}
+    for line_no, row in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        raw, label = row.get(key, ""), row.get("label", "")
+        if not raw or not label:
+            raise LabelsError(f"{path}:{line_no}: empty {key!r} or 'label'")
+        value = Path(raw).as_posix() if kind is None else pseudo.token(kind, raw)
+        if by_value.get(value, label) != label:
+            raise LabelsError(f"{path}:{line_no}: {key} given twice with different labels")
+        by_value[value] = label
     if not by_value:
         raise LabelsError(f"{path}: no label rows")
     return Labels(key=key, by_value=by_value)
+
+
+def _read_csv_text(path: Path, what: str) -> str:
+    """The text of a CSV the user gave (UTF-8, with or without BOM), or a LabelsError naming the problem."""
+    if not path.is_file():
+        raise LabelsError(f"{path}: {what} file does not exist")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LabelsError(f"{path}: {what} file is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV") from None
+    except OSError as exc:
+        raise LabelsError(f"{path}: {what} file cannot be read ({exc.strerror})") from None
+
+
+def check_classes(labels: Labels, classes: tuple[str, ...] | None, labels_csv: Path) -> None:
+    """Stop early when the label values are not the classes training expects (``train.classes``).
+
+    ``classes`` None means ``train.classes: auto`` (any values).
+    """
+    if classes is None:
+        return
+    found = sorted(set(labels.by_value.values()))
+    unknown = [v for v in found if v not in classes]
+    if unknown:
+        shown = ", ".join(repr(v[:32]) for v in unknown[:6]) + (", ..." if len(unknown) > 6 else "")
+        raise LabelsError(
+            f"{labels_csv}: label values {shown} are not in train.classes {list(classes)}: set train.classes in "
+            f"params.yaml to the class names of your labels, negative class first (e.g. {found[:2]}), or to auto")
 
 
 @dataclass(frozen=True)
@@ -528,27 +656,24 @@ def read_lesions(path: Path, pseudo: deid.Pseudonymizer) -> list[LesionRow]:
         LabelsError: a missing file, other columns, an empty UID or a value that is not a number.
     """
     path = Path(path)
-    if not path.is_file():
-        raise LabelsError(f"{path}: lesions file does not exist")
     rows: list[LesionRow] = []
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        if sorted(header) != sorted(LESION_COLUMNS):
-            raise LabelsError(f"{path}: lesions file needs exactly the columns {list(LESION_COLUMNS)}, got {header}")
-        for line_no, raw in enumerate(reader, start=2):
-            raw = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
-            uids = [raw[k] for k in LESION_COLUMNS[:3]]
-            if not all(uids):
-                raise LabelsError(f"{path}:{line_no}: empty UID")
-            try:
-                values = [float(raw[k]) for k in LESION_COLUMNS[3:]]
-            except ValueError:
-                raise LabelsError(f"{path}:{line_no}: row, col, radius_px and radius_mm must be numbers") from None
-            if not all(np.isfinite(values)) or values[2] <= 0 or values[3] <= 0:
-                raise LabelsError(f"{path}:{line_no}: coordinates must be finite and radii positive")
-            rows.append(LesionRow(pseudo.token("study", uids[0]), pseudo.token("series", uids[1]),
-                                  pseudo.token("sop", uids[2]), *values))
+    reader = csv.DictReader(io.StringIO(_read_csv_text(path, "lesions")))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    if sorted(header) != sorted(LESION_COLUMNS):
+        raise LabelsError(f"{path}: lesions file needs exactly the columns {list(LESION_COLUMNS)}, got {header}")
+    for line_no, raw in enumerate(reader, start=2):
+        raw = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        uids = [raw[k] for k in LESION_COLUMNS[:3]]
+        if not all(uids):
+            raise LabelsError(f"{path}:{line_no}: empty UID")
+        try:
+            values = [float(raw[k]) for k in LESION_COLUMNS[3:]]
+        except ValueError:
+            raise LabelsError(f"{path}:{line_no}: row, col, radius_px and radius_mm must be numbers") from None
+        if not all(np.isfinite(values)) or values[2] <= 0 or values[3] <= 0:
+            raise LabelsError(f"{path}:{line_no}: coordinates must be finite and radii positive")
+        rows.append(LesionRow(pseudo.token("study", uids[0]), pseudo.token("series", uids[1]),
+                              pseudo.token("sop", uids[2]), *values))
     return rows
 
 
@@ -617,9 +742,9 @@ def _check_volume(files: list[tuple[str, FileRecord]], params: IngestParams) -> 
 
 
 def _assemble(
-    scanned: list[tuple[str, FileRecord]], labels: Labels, params: IngestParams
+    scanned: list[tuple[str, FileRecord]], labels: Labels, params: IngestParams, file_id=lambda relpath: relpath,
 ) -> tuple[list[_Unit], dict[str, str]]:
-    """Units that are in, and reasons for every relpath that is out."""
+    """Units that are in, and reasons for every relpath that is out (naming other files by ``file_id``)."""
     rejected: dict[str, str] = {}
     candidates: list[tuple[str, FileRecord, str]] = []
     for relpath, record in scanned:
@@ -642,11 +767,12 @@ def _assemble(
         if len({r.content_hash for _, r, _ in items}) > 1:
             for relpath, _, _ in items:
                 others = [p for p, _, _ in items if p != relpath]
-                rejected[relpath] = f"{DUPLICATE}: same SOPInstanceUID as {others[0]} but different content; resolve which is right"
+                rejected[relpath] = (f"{DUPLICATE}: same SOPInstanceUID as input file {file_id(others[0])} but different "
+                                     "content; resolve which is right")
             continue
         kept.append(first)
         for relpath, _, _ in items[1:]:
-            rejected[relpath] = f"{DUPLICATE}: identical copy of {first[0]}"
+            rejected[relpath] = f"{DUPLICATE}: identical copy of input file {file_id(first[0])}"
 
     units: list[_Unit] = []
     series: dict[str, list[tuple[str, FileRecord, str]]] = defaultdict(list)
@@ -734,30 +860,98 @@ def _manifest(units: list[_Unit]) -> pd.DataFrame:
 # the stage
 
 
-def walk_inputs(input_dir: Path, skip: Iterable[Path] = ()) -> list[str]:
-    """Every regular file under ``input_dir`` (relative POSIX paths, sorted), minus ``skip``."""
+def display_path(relpath: str) -> str:
+    """A relative path as text that can be written anywhere: bytes of a non-UTF-8 name as ``\\xNN``."""
+    return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_bad_name(relpath: str) -> bool:
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode keeps undecodable bytes as lone surrogates
+        return True
+    return False
+
+
+def _link_reason(path: Path, root: Path) -> str:
+    """'' for a link to a regular file inside the input (read like a file), else why it is not read."""
+    try:
+        target = path.resolve(strict=True)
+        info = os.stat(path)
+    except FileNotFoundError:
+        return f"{SYMLINK}: dangling symbolic link (its target does not exist)"
+    except RuntimeError:
+        return f"{SYMLINK}: symbolic link loop"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{SYMLINK}: symbolic link loop"
+        return f"{SYMLINK}: target cannot be read ({exc.strerror})"
+    if not target.is_relative_to(root):
+        return f"{SYMLINK}: symbolic link to a file outside the input folder (not followed: copy the file in)"
+    if stat.S_ISDIR(info.st_mode):
+        return f"{SYMLINK}: symbolic link to a directory (not followed: its files would be seen twice)"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{SPECIAL_FILE}: symbolic link to a FIFO, socket or device"
+    return ""
+
+
+def walk_inputs(input_dir: Path, skip: Iterable[Path] = ()) -> list[tuple[str, str]]:
+    """Every entry under ``input_dir`` that is not a directory, as (relative POSIX path, reason), sorted.
+
+    The reason is '' for a file to read, else why it is not read: a special file (FIFO, socket,
+    device: never opened), a symbolic link that is dangling, loops, leaves the input or points to a
+    directory (links to regular files inside the input are read), a name that is not UTF-8, or a
+    directory that cannot be listed (one entry for the directory). ``skip`` (the labels and lesion
+    files) and synth's marker are left out. Directories are never followed through links, so the
+    walk ends whatever the tree holds.
+    """
+    root = Path(input_dir).resolve()
     skip_set = {Path(p).resolve() for p in skip}
-    found = []
-    for root, dirs, files in os.walk(input_dir):
-        dirs.sort()
-        for name in sorted(files):
-            path = Path(root) / name
-            if name in SIDECAR_NAMES or path.resolve() in skip_set or not path.is_file():
-                continue
-            found.append(path.relative_to(input_dir).as_posix())
+    found: list[tuple[str, str]] = []
+
+    def visit(folder: Path, prefix: str) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        except OSError as exc:
+            if not prefix:
+                raise IngestError(f"{input_dir}: input directory cannot be listed ({exc.strerror})") from None
+            found.append((prefix, f"{UNREADABLE}: directory cannot be listed ({exc.strerror}); its files are not seen"))
+            return
+        for entry in entries:
+            rel = f"{prefix}/{entry.name}" if prefix else entry.name
+            path = folder / entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    visit(path, rel)
+                    continue
+                if not prefix and entry.name in SIDECAR_NAMES:
+                    continue
+                if entry.is_symlink():
+                    reason = _link_reason(path, root)
+                elif entry.is_file(follow_symlinks=False):
+                    if path.resolve() in skip_set:
+                        continue
+                    reason = ""
+                else:
+                    reason = f"{SPECIAL_FILE}: a FIFO, socket or device, not a file (never opened)"
+            except OSError as exc:
+                reason = f"{UNREADABLE}: cannot be examined ({exc.strerror})"
+            if _is_bad_name(rel):
+                reason = f"{BAD_NAME}: the path is not valid UTF-8 (rename the file)"
+            found.append((rel, reason))
+
+    visit(root, "")
     return found
 
 
-def is_synthetic(input_dir: Path) -> bool:
-    """Whether ``input_dir`` is (inside) a cohort written by ``medtl synth``."""
-    for folder in (Path(input_dir), *Path(input_dir).resolve().parents[:2]):
-        marker = folder / "medtl_synth.json"
-        if marker.is_file():
-            try:
-                return bool(json.loads(marker.read_text()).get("synthetic"))
-            except (json.JSONDecodeError, AttributeError):
-                return False
-    return False
+def _refuse_inside(input_dir: Path, **outputs: Path | None) -> None:
+    """An output or quarantine inside the input would be read back as input on the next run."""
+    root = Path(input_dir).resolve()
+    for name, path in outputs.items():
+        if path is not None and Path(path).resolve().is_relative_to(root):
+            raise IngestError(f"{path}: the {name} directory is inside the input {input_dir}; put it outside "
+                              "(it would be ingested as input on the next run)")
 
 
 def run(
@@ -766,9 +960,10 @@ def run(
     labels_csv: Path,
     out_dir: Path,
     quarantine_dir: Path | None = None,
-    key: bytes | None = None,
+    key: bytes | keys.SiteKey | None = None,
     fanout: FanoutParams | None = None,
     lesions_csv: Path | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> IngestSummary:
     """Ingest a DICOM tree: de-identify, account for every file, write manifest/rejected/summary.
 
@@ -779,53 +974,74 @@ def run(
         out_dir: stage output (a DVC ``persist`` output: it holds the cache that makes reruns incremental).
         quarantine_dir: where rejected files are linked with their reasons (None: not done). Keep it out
             of DVC outputs: it holds raw files with PHI.
-        key: pseudonymisation key; None resolves it (:func:`pipeline.deid.resolve_key`).
+        key: pseudonymisation key; None resolves it (:func:`pipeline.keys.resolve_key`). With the public
+            demo key, only files ``medtl synth`` wrote are accepted (checked per file by content).
         fanout: where the per-file work of the scan and rewrite phases runs (default: local
             processes, ``params.workers`` of them); outputs do not depend on it.
         lesions_csv: optional lesion ground-truth sidecar (:func:`read_lesions`); None (a real site): none.
             ``out_dir/lesions.parquet`` is written either way (empty without a sidecar).
+        classes: the class names training expects (``train.classes``); label values outside them stop
+            the run here, before any work. None (``train.classes: auto``): any values.
 
     Returns:
         The summary also written to ``out_dir/summary.json``.
+
+    Raises:
+        MedtlError: (subclasses) a missing input or labels file, a labels file that cannot be used, no
+            usable key, an output or quarantine inside the input, an output that cannot be written.
     """
     started = time.perf_counter()
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     if not input_dir.is_dir():
-        raise FileNotFoundError(f"{input_dir}: input directory does not exist")
+        raise IngestError(f"{input_dir}: input directory does not exist")
+    _refuse_inside(input_dir, output=out_dir, quarantine=quarantine_dir)
+    synthetic = keys.synthetic_files(input_dir)
     if key is None:
-        key, source = deid.resolve_key(synthetic=is_synthetic(input_dir))
-        log.info("pseudonymisation key from %s", source)
-    pseudo = deid.Pseudonymizer(key)
+        key = keys.resolve_key(demo_allowed=bool(synthetic))
+        log.info("pseudonymisation key from %s", key.source)
+    secret = key.secret if isinstance(key, keys.SiteKey) else bytes(key)
+    demo = secret == keys.DEMO_KEY
+    pseudo = deid.Pseudonymizer(secret)
     labels = read_labels(labels_csv, pseudo)
+    check_classes(labels, classes, Path(labels_csv))
     lesions = read_lesions(lesions_csv, pseudo) if lesions_csv is not None else []
     fanout = fanout or FanoutParams()
     workers = params.workers or os.cpu_count() or 1
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(out_dir, exc) from None
+    stale = remove_stale_temps(out_dir) + (remove_stale_temps(quarantine_dir) if quarantine_dir is not None else 0)
+    if stale:
+        log.info("removed %d temporary files an interrupted run left", stale)
 
-    cache = RecordCache(out_dir / "cache" / "records.jsonl", pseudo.fingerprint)
+    cache = RecordCache(out_dir / "cache" / "records.jsonl", secret)
     if not cache.valid:
-        log.warning("ingest cache was made with another key or version: starting from scratch")
+        if (out_dir / "dicom").exists():
+            log.warning("ingest cache was made with another key or version (or is missing): starting from scratch")
         shutil.rmtree(out_dir / "dicom", ignore_errors=True)
-    relpaths = walk_inputs(input_dir, skip=[labels_csv, *([lesions_csv] if lesions_csv is not None else [])])
-    ctx = _ScanContext(input_dir, out_dir, key, params, frozenset(cache.records))
+    entries = walk_inputs(input_dir, skip=[labels_csv, *([lesions_csv] if lesions_csv is not None else [])])
+    ctx = _ScanContext(input_dir, out_dir, secret, params, frozenset(cache.records), demo=demo,
+                       synthetic=synthetic if demo else frozenset())
 
     # phase 1: scan (cached content is only hashed)
     scanned: list[tuple[str, FileRecord]] = []
     n_new = 0
     try:
-        for relpath, record in map_ordered(_scan_file, relpaths, init=_init_worker, init_args=(ctx,), params=fanout,
-                                           workers=params.workers, desc="ingest"):
+        for relpath, record in map_ordered(_scan_file, entries, init=_init_worker, init_args=(ctx,), params=fanout,
+                                           workers=params.workers, desc="ingest", on_crash=_scan_crashed):
             if record.reason == "__cached__":
                 record = cache.records[record.content_hash]
             else:
                 n_new += 1
-                cache.append(record)
+                if record.content_hash:  # a file that was not read has nothing to cache
+                    cache.append(record)
             scanned.append((relpath, record))
     finally:
         cache.close()
 
     # phase 2: assemble units
-    units, rejected = _assemble(scanned, labels, params)
+    units, rejected = _assemble(scanned, labels, params, file_id=lambda rel: pseudo.file_id(display_path(rel)))
 
     # phase 3: outputs
     wanted = {r.output: p for u in units for p, r in u.files}
@@ -848,13 +1064,16 @@ def run(
         log.info("lesions: %d sidecar rows, %d on %d ingested images, %d dropped (instance not ingested)",
                  len(lesions), len(lesion_table), lesion_table["image_id"].nunique(), lesions_dropped)
     rejected_rows = sorted(rejected.items())
-    atomic_write_text(out_dir / "rejected.csv", csv_text(["path", "reason"], rejected_rows))
+    # rejected.csv is a DVC output (pushed): input paths often hold names and MRNs, so files are named
+    # by keyed ids there; the local quarantine's reasons.csv maps them back to paths
+    atomic_write_text(out_dir / "rejected.csv", csv_text(
+        ["file_id", "reason"], sorted((pseudo.file_id(display_path(rel)), reason) for rel, reason in rejected_rows)))
     if quarantine_dir is not None:
-        _quarantine(input_dir, Path(quarantine_dir), rejected_rows)
+        _quarantine(input_dir, Path(quarantine_dir), rejected_rows, pseudo, params)
 
     ingested_files = sum(len(u.files) for u in units)
     summary = IngestSummary(
-        files_seen=len(relpaths),
+        files_seen=len(entries),
         ingested=ingested_files,
         rejected=dict(sorted(Counter(reason.split(":", 1)[0] for _, reason in rejected_rows).items())),
         images=len(units),
@@ -866,7 +1085,7 @@ def run(
         by_label=dict(sorted(Counter(u.label for u in units).items())),
         by_transfer_syntax=dict(sorted(Counter(UID(r.transfer_syntax).name for u in units for _, r in u.files).items())),
         label_key=labels.key,
-        run={"runner": fanout.runner, "workers": workers, "new_files": n_new, "cached_files": len(relpaths) - n_new,
+        run={"runner": fanout.runner, "workers": workers, "new_files": n_new, "cached_files": len(entries) - n_new,
              "rewritten_files": len(missing), "seconds": round(time.perf_counter() - started, 2)},
         lesions={"rows": len(lesions), "kept": len(lesion_table), "dropped": lesions_dropped} if lesions_csv else {},
     )
@@ -898,23 +1117,41 @@ def _remove_unwanted(root: Path, out_dir: Path, wanted: set[str]) -> None:
             path.rmdir()
 
 
-def _quarantine(input_dir: Path, quarantine_dir: Path, rejected_rows: list[tuple[str, str]]) -> None:
-    """Link (or copy) every rejected file into ``quarantine_dir`` with a reasons list; drop stale ones."""
-    quarantine_dir.mkdir(parents=True, exist_ok=True)
-    wanted = {p for p, _ in rejected_rows}
+def _quarantine(input_dir: Path, quarantine_dir: Path, rejected_rows: list[tuple[str, str]],
+                pseudo: deid.Pseudonymizer, params: IngestParams) -> None:
+    """Link (or copy) every rejected file into ``quarantine_dir`` with a reasons list; drop stale ones.
+
+    Local only (raw files with PHI, and their paths): never a DVC output. Entries that are not regular
+    files (links, special files, unreadable directories) and files above ``max_file_mb`` that cannot be
+    hard-linked are listed in reasons.csv but not copied.
+    """
+    try:
+        quarantine_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(quarantine_dir, exc) from None
+    shown = {display_path(p): p for p, _ in rejected_rows}
     for path in sorted(quarantine_dir.rglob("*"), reverse=True):
         rel = path.relative_to(quarantine_dir).as_posix()
-        if path.is_file() and rel != "reasons.csv" and rel not in wanted:
+        if path.is_file() and rel != "reasons.csv" and rel not in shown:
             path.unlink()
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()
-    for relpath, _ in rejected_rows:
-        target = quarantine_dir / relpath
-        if target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
+    for name, relpath in shown.items():
+        source, target = input_dir / relpath, quarantine_dir / name
         try:
-            os.link(input_dir / relpath, target)
+            info = os.lstat(source)
         except OSError:
-            shutil.copy2(input_dir / relpath, target)
-    atomic_write_text(quarantine_dir / "reasons.csv", csv_text(["path", "reason"], rejected_rows))
+            continue
+        if target.exists() or not stat.S_ISREG(info.st_mode):
+            continue
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source, target)
+        except OSError:
+            if info.st_size <= params.max_file_mb * MB:
+                try:
+                    shutil.copy2(source, target)
+                except OSError:
+                    log.warning("quarantine: input file %s could not be copied", pseudo.file_id(name))
+    atomic_write_text(quarantine_dir / "reasons.csv", csv_text(
+        ["path", "file_id", "reason"], [(display_path(p), pseudo.file_id(display_path(p)), r) for p, r in rejected_rows]))

@@ -18,7 +18,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from pipeline import cli, deid, ingest
+from pipeline import cli, deid, ingest, keys
 from tests.conftest import TEST_KEY
 
 
@@ -40,11 +40,17 @@ def _raw_headers(root: Path) -> dict[Path, Dataset]:
     return headers
 
 
-def _rejected(out: Path) -> dict[str, str]:
+def _rejected(out: Path, root: Path) -> dict[str, str]:
+    """rejected.csv by input path: it names files by keyed ids only (paths hold PHI), mapped back here."""
     with open(out / "rejected.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert len({r["path"] for r in rows}) == len(rows), "a file is listed twice in rejected.csv"
-    return {r["path"]: r["reason"] for r in rows}
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == ["file_id", "reason"], "rejected.csv (a DVC output) must not carry input paths"
+    assert len({r["file_id"] for r in rows}) == len(rows), "a file is listed twice in rejected.csv"
+    pseudo = deid.Pseudonymizer(TEST_KEY)
+    ids = {pseudo.file_id(p.relative_to(root).as_posix()): p.relative_to(root).as_posix()
+           for p in root.rglob("*") if not p.is_dir()}
+    return {ids[r["file_id"]]: r["reason"] for r in rows}
 
 
 def _outputs(out: Path) -> dict[str, str]:
@@ -59,7 +65,7 @@ def test_every_file_is_accounted_for_exactly_once(cohort, ingested):
     out, summary = ingested
     raw = {p.relative_to(cohort).as_posix() for p in _raw_files(cohort)}
     manifest = pd.read_parquet(out / "manifest.parquet")
-    rejected = _rejected(out)
+    rejected = _rejected(out, cohort)
     on_disk = json.loads((out / "summary.json").read_text())
 
     assert summary.files_seen == len(raw) == on_disk["files_seen"]
@@ -87,11 +93,14 @@ def test_every_file_is_accounted_for_exactly_once(cohort, ingested):
 def test_rejected_files_are_quarantined_with_their_reason(cohort, ingested):
     out, _ = ingested
     quarantine = out.parent / "quarantine"
-    rejected = _rejected(out)
+    rejected = _rejected(out, cohort)
     for relpath in rejected:
         assert (quarantine / relpath).read_bytes() == (cohort / relpath).read_bytes()
     with open(quarantine / "reasons.csv", newline="") as fh:
-        assert {r["path"]: r["reason"] for r in csv.DictReader(fh)} == rejected
+        rows = list(csv.DictReader(fh))
+    assert {r["path"]: r["reason"] for r in rows} == rejected
+    pseudo = deid.Pseudonymizer(TEST_KEY)
+    assert all(r["file_id"] == pseudo.file_id(r["path"]) for r in rows), "the quarantine maps ids back to paths"
 
 
 def test_volumes_are_ordered_by_position_and_keep_geometry(ingested):
@@ -300,7 +309,7 @@ def test_a_different_key_gives_different_pseudonyms_and_rebuilds(cohort, ingeste
 
 
 def test_real_data_without_a_key_stops_with_a_clear_error(tmp_path, monkeypatch, capsys):
-    for var in (deid.ENV_KEY, deid.ENV_KEY_FILE):
+    for var in (keys.ENV_KEY, keys.ENV_KEY_FILE):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
@@ -308,15 +317,19 @@ def test_real_data_without_a_key_stops_with_a_clear_error(tmp_path, monkeypatch,
     raw.mkdir()
     _write_instance(raw / "a.dcm")
     (tmp_path / "labels.csv").write_text("file,label\na.dcm,normal\n")
-    with pytest.raises(deid.KeyMissingError, match="MEDTL_PSEUDONYM_KEY"):
+    with pytest.raises(keys.KeyMissingError, match="MEDTL_PSEUDONYM_KEY"):
         ingest.run(ingest.IngestParams(workers=1), raw, tmp_path / "labels.csv", tmp_path / "out")
-    rc = cli.main(["ingest", "--input", str(raw), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "o")])
-    assert rc == 2
+    command = ["--params", str(Path(__file__).parents[2] / "params.yaml"), "ingest", "--input", str(raw),
+               "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pseudonymisation key" in err and "medtl keygen" in err
     assert not (tmp_path / "o" / "manifest.parquet").exists()
     # with a key file made by `medtl keygen` it runs
     assert cli.main(["keygen"]) == 0
     assert (tmp_path / ".medtl" / "pseudonym.key").stat().st_mode & 0o077 == 0
-    assert cli.main(["ingest", "--input", str(raw), "--labels", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "o")]) == 0
+    assert cli.main(command) == 0
     assert len(pd.read_parquet(tmp_path / "o" / "manifest.parquet")) == 1
 
 
@@ -372,7 +385,7 @@ def test_edge_cases_are_rejected_with_actionable_reasons(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("file,label\n" + "".join(f"{p.name},normal\n" for p in raw.iterdir()))
     summary = ingest.run(ingest.IngestParams(workers=1), raw, labels, tmp_path / "out", key=TEST_KEY)
-    reasons = _rejected(tmp_path / "out")
+    reasons = _rejected(tmp_path / "out", raw)
     assert summary.ingested == 1
     assert reasons["burned.dcm"].startswith("burned_in_annotation:")
     assert reasons["mpeg.dcm"].startswith("no_decoder:") and "MPEG2" in reasons["mpeg.dcm"]
@@ -394,7 +407,7 @@ def pydicom_testfiles(tmp_path_factory):
     out = raw.parent / "out"
     summary = ingest.run(ingest.IngestParams(workers=2), raw, labels, out, key=TEST_KEY)
     manifest = pd.read_parquet(out / "manifest.parquet")
-    return files, summary, _rejected(out), manifest
+    return files, summary, _rejected(out, raw), manifest
 
 
 # file -> expected category ("ok" = ingested). One or more per kind of trouble the files hold.
@@ -496,7 +509,7 @@ def test_lesion_sidecar_is_written_under_pseudonymised_keys_and_never_labels(tmp
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="pipeline.ingest"):
         summary = ingest.run(ingest.IngestParams(workers=1), raw, labels, out, key=TEST_KEY, lesions_csv=sidecar)
-    assert summary.files_seen == 6 and "lesions.csv" not in _rejected(out)
+    assert summary.files_seen == 6 and "lesions.csv" not in _rejected(out, raw)
     assert summary.lesions == {"rows": 5, "kept": 3, "dropped": 2}
     assert "2 dropped" in caplog.text
 
