@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.fanout import FanoutParams, map_ordered
+from pipeline.fanout import FanoutParams, WorkerDied, map_ordered
 from pipeline.params import load_section
 from tests.conftest import TEST_KEY
 
@@ -120,6 +123,186 @@ def test_default_runs_never_import_prefect():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", "Prefect or Dask was imported by the default path"
 
+
+# --------------------------------------------------------------------------------------------------
+# a worker process that dies: the process runner carries on, and names the item
+
+_BAD: frozenset = frozenset()
+_HOW = "exit"
+
+
+def _set_bad(bad: tuple, how: str = "exit") -> None:
+    global _BAD, _HOW
+    _BAD, _HOW = frozenset(bad), how
+
+
+def _die_on_bad(x):
+    """``x * 3``, except that the process dies on the items set by :func:`_set_bad` (and raises on 'raise')."""
+    if x in _BAD:
+        if _HOW == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(1)
+    if x == "raise":
+        raise ValueError("a plain error after a crash")
+    return x * 3
+
+
+_CRASH_CALLS: list = []  # on_crash runs in this process
+
+
+def _crashed(item, reason: str) -> tuple:
+    _CRASH_CALLS.append(item)
+    return "crashed", item, reason
+
+
+def _exit_in_init() -> None:
+    os._exit(3)
+
+
+def _slow_pid(_x) -> int:
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def _process(chunk: int = 4) -> FanoutParams:
+    return FanoutParams(runner="process", chunk=chunk)
+
+
+@pytest.mark.parametrize(("how", "exit_code"), [("exit", "exit code 1"), ("sigkill", "exit code -9, SIGKILL")])
+def test_a_dead_worker_costs_its_item_only(how, exit_code):
+    items = list(range(40))
+    _CRASH_CALLS.clear()
+    results = list(map_ordered(_die_on_bad, items, init=_set_bad, init_args=((17,), how), params=_process(), workers=2,
+                               on_crash=_crashed))
+    assert len(results) == len(items) and _CRASH_CALLS == [17]
+    assert results[:17] == [3 * x for x in range(17)] and results[18:] == [3 * x for x in range(18, 40)]
+    assert results[17] == ("crashed", 17, f"worker process died ({exit_code}) while processing this item")
+
+
+def test_without_on_crash_the_error_names_the_item_after_the_results_before_it():
+    got = []
+    with pytest.raises(WorkerDied, match=r"^item 17 \(17\): worker process died \(exit code 1\)") as caught:
+        for result in map_ordered(_die_on_bad, range(40), init=_set_bad, init_args=((17,),), params=_process(),
+                                  workers=2):
+            got.append(result)
+    assert got == [3 * x for x in range(17)], "the results before the item come first, in order"
+    assert caught.value.index == 17 and caught.value.item == 17
+    assert isinstance(caught.value, BrokenProcessPool)  # what callers caught before
+
+
+def test_the_error_shows_a_long_item_truncated():
+    long = "x" * 1000
+    with pytest.raises(WorkerDied) as caught:
+        list(map_ordered(_die_on_bad, ["a", long, "b"], init=_set_bad, init_args=((long,),), params=_process(1),
+                         workers=2))
+    message = str(caught.value)
+    assert message.startswith("item 1 ('xxxx") and "..." in message and len(message) < 250, message
+
+
+def test_two_bad_items_in_one_chunk_and_one_in_another():
+    bad = (9, 10, 30)  # chunk 8: items 8-15
+    _CRASH_CALLS.clear()
+    results = list(map_ordered(_die_on_bad, range(40), init=_set_bad, init_args=(bad, "sigkill"), params=_process(8),
+                               workers=2, on_crash=_crashed))
+    assert [r[:2] if isinstance(r, tuple) else r for r in results] == \
+        [("crashed", x) if x in bad else 3 * x for x in range(40)]
+    assert _CRASH_CALLS == list(bad)
+
+
+def test_a_plain_error_after_a_crash_still_surfaces_in_its_place():
+    items = [*range(20), "raise", *range(21, 30)]
+    got = []
+    with pytest.raises(ValueError, match="a plain error after a crash"):
+        for result in map_ordered(_die_on_bad, items, init=_set_bad, init_args=((5,),), params=_process(), workers=2,
+                                  on_crash=_crashed):
+            got.append(result)
+    # as without a crash, the error loses the results of its chunk (4 items) and those after it
+    assert 17 <= len(got) <= 20 and got[5][:2] == ("crashed", 5)
+    assert got == [got[5] if x == 5 else 3 * x for x in range(len(got))]
+
+
+def test_workers_that_die_in_init_end_the_call():
+    with pytest.raises(BrokenProcessPool, match="no item running") as caught:
+        list(map_ordered(_die_on_bad, range(10), init=_exit_in_init, params=_process(), workers=2, on_crash=_crashed))
+    assert not isinstance(caught.value, WorkerDied)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_pool_workers_die_with_their_parent():
+    code = (
+        "from pipeline.fanout import FanoutParams, map_ordered\n"
+        "from tests.pipeline.test_fanout import _slow_pid, _set_factor\n"
+        "for pid in map_ordered(_slow_pid, range(2000), init=_set_factor, init_args=(1,),"
+        " params=FanoutParams(chunk=1), workers=2):\n"
+        "    print(pid, flush=True)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        pids: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids.add(int(parent.stdout.readline()))
+        assert len(pids) == 2 and parent.pid not in pids
+        assert all(_alive(pid) for pid in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids), "pool workers outlived their killed parent"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_whose_parent_died_before_it_asked_exits():
+    code = (
+        "import ctypes, os, subprocess, sys\n"
+        "from pipeline.fanout import _die_with_parent\n"
+        "_die_with_parent(os.getppid(), True)\n"
+        "sig = ctypes.c_int()\n"
+        "ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)\n"  # PR_GET_PDEATHSIG
+        "print(sig.value, flush=True)\n"
+        "gone = subprocess.Popen(['true']); gone.wait()\n"
+        "_die_with_parent(gone.pid, False)\n"  # forkserver: the parent is asked about by pid
+        "print('still here')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (1, f"{int(signal.SIGKILL)}\n"), done.stderr
+    other = subprocess.run([sys.executable, "-c", "import os; from pipeline.fanout import _die_with_parent;"
+                            " _die_with_parent(os.getppid() + 1, True); print('still here')"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (other.returncode, other.stdout) == (1, ""), other.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("prefect")
+def test_a_dead_dask_worker_costs_its_item_only(harness):
+    distributed = pytest.importorskip("distributed", reason="prefect-dask (dask.distributed) is not installed")
+    pytest.importorskip("prefect_dask", reason="prefect-dask is not installed")
+    import dask
+
+    # no retries by Dask of a task whose worker died: each is a worker restart (seconds)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                     dashboard_address=":0") as cluster:
+        params = FanoutParams(runner="dask", address=cluster.scheduler_address, chunk=4)
+        results = list(map_ordered(_die_on_bad, range(12), init=_set_bad, init_args=((6,),), params=params,
+                                   workers=2, desc="test", on_crash=_crashed))
+        assert results[:6] + results[7:] == [3 * x for x in range(12) if x != 6]
+        assert results[6][:2] == ("crashed", 6) and "KilledWorker" in results[6][2]
+        with pytest.raises(WorkerDied, match=r"^item 6 \(6\): Dask worker"):
+            list(map_ordered(_die_on_bad, range(12), init=_set_bad, init_args=((6,),), params=params, workers=2,
+                             desc="test"))
 
 # --------------------------------------------------------------------------------------------------
 # the real thing: ingest and preprocess on a Dask cluster give what the local process pool gives
