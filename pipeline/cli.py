@@ -11,13 +11,16 @@ import json
 import logging
 import os
 import sys
+import traceback
+import zoneinfo
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
+from pipeline.errors import USER_ERROR, MedtlError, output_error
 from pipeline.fanout import RUNNERS
-from pipeline.params import ParamsError, load_section
+from pipeline.params import ParamsError, check, load_section, param
 
 log = logging.getLogger("medtl")
 
@@ -29,25 +32,21 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         summary = synth.add(Path(args.out), args.add)
     else:
         params = load_section(synth.SynthParams, args.params, "synth", patients=args.patients, seed=args.seed)
-        summary = synth.run(params, Path(args.out))
+        summary = synth.run(params, _out_dir(args.out))
     print(json.dumps(asdict(summary)))  # one line: one log line in the Prefect UI
     return 0
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from pipeline import deid, ingest
+    from pipeline import ingest
     from pipeline.fanout import FanoutParams
 
     params = load_section(ingest.IngestParams, args.params, "ingest", workers=args.workers)
     fanout = load_section(FanoutParams, args.params, "fanout", runner=args.runner)
-    try:
-        lesions = None if args.lesions in (None, "", "none", "None") else Path(args.lesions)
-        summary = ingest.run(params, Path(args.input), Path(args.labels), Path(args.out),
-                             quarantine_dir=Path(args.quarantine) if args.quarantine else None, fanout=fanout,
-                             lesions_csv=lesions)
-    except (deid.KeyMissingError, ingest.LabelsError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
+    lesions = None if args.lesions in (None, "", "none", "None") else Path(args.lesions)
+    summary = ingest.run(params, Path(args.input), Path(args.labels), Path(args.out),
+                         quarantine_dir=Path(args.quarantine) if args.quarantine else None, fanout=fanout,
+                         lesions_csv=lesions, classes=_ingest_classes(args.params))
     print(f"ingest: {summary.files_seen} files seen, {summary.ingested} ingested as {summary.images} images "
           f"of {summary.patients} patients; {summary.rejected_total} rejected {summary.rejected}")
     return 0
@@ -59,7 +58,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
     params = load_section(preprocess.PreprocessParams, args.params, "preprocess", workers=args.workers)
     fanout = load_section(FanoutParams, args.params, "fanout", runner=args.runner)
-    summary = preprocess.run(params, Path(args.ingest), Path(args.out), fanout=fanout)
+    ingest_dir = Path(args.ingest)
+    _inputs("ingest", ingest_dir / "manifest.parquet")
+    summary = preprocess.run(params, ingest_dir, _out_dir(args.out), fanout=fanout)
     print(f"preprocess: {summary.images} images -> {summary.shape} float16, {summary.rejected} rejected")
     return 0
 
@@ -69,7 +70,8 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
     params = load_section(split.SplitParams, args.params, "split")
     images = Path(args.images)
-    summary = split.run(params, images / "index.parquet", images / "tensors.npy", Path(args.out))
+    _inputs("preprocess", images / "index.parquet", images / "tensors.npy")
+    summary = split.run(params, images / "index.parquet", images / "tensors.npy", _out_dir(args.out))
     print(f"split: images {summary.images}, patients {summary.patients}, duplicate groups "
           f"{summary.duplicate_groups_exact} exact / {summary.duplicate_groups_near} near, "
           f"patients in more than one split: {summary.patients_in_multiple_splits}")
@@ -81,12 +83,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     params = load_section(train.TrainParams, args.params, "train", epochs=args.epochs, device=args.device)
     model_params = load_section(models.ModelParams, args.params, "model")
-    try:
-        summary = train.run(params, model_params, Path(args.images), Path(args.splits), Path(args.out),
-                            progress=not args.no_progress)
-    except (models.WeightsNotFoundError, models.WeightsMismatchError) as exc:
-        log.error("%s", exc)
-        return 2
+    images = Path(args.images)
+    _inputs("preprocess", images / "tensors.npy", images / "index.parquet")
+    _inputs("split", Path(args.splits))
+    summary = train.run(params, model_params, images, Path(args.splits), _out_dir(args.out),
+                        progress=not args.no_progress)
     if summary.world_size == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"train: {summary.epochs_run} epochs ({'early stop, ' if summary.stopped_early else ''}"
               f"best epoch {summary.best_epoch}, validation AUC {summary.best_val_auc:.3f}) on {summary.device} "
@@ -98,7 +99,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline import evaluate
 
     params = load_section(evaluate.EvaluateParams, args.params, "evaluate", device=args.device)
-    summary = evaluate.run(params, Path(args.model), Path(args.images), Path(args.splits), Path(args.out))
+    images = Path(args.images)
+    _inputs("train", Path(args.model))
+    _inputs("preprocess", images / "tensors.npy", images / "index.parquet")
+    _inputs("split", Path(args.splits))
+    summary = evaluate.run(params, Path(args.model), images, Path(args.splits), _out_dir(args.out))
     lo, hi = summary.test_auc_ci
     line = f"evaluate: test AUC {summary.test_auc:.3f} [{lo:.3f}, {hi:.3f}], {summary.test_images} images of " \
            f"{summary.test_patients} patients"
@@ -115,8 +120,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     reports, models_dir = Path(args.reports), Path(args.models)
     metrics_path = reports / "metrics.json"
     if not metrics_path.exists():
-        log.error("%s does not exist: run `dvc repro` (or `medtl evaluate`) first", metrics_path)
-        return 2
+        raise MedtlError(f"{metrics_path} does not exist: run `dvc repro` (or `medtl evaluate`) first")
     card = json.loads((models_dir / "model_card.json").read_text()) if (models_dir / "model_card.json").exists() else {}
     if card:
         print(f"model: {card['backbone']} ({card['strategy']}, weights {card['weights']['source']}), best epoch "
@@ -140,13 +144,56 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class RetrainParams:
-    """``retrain`` section of params.yaml: the Prefect flow's schedule and defaults."""
+    """``retrain`` section of params.yaml: the Prefect flow's schedule and defaults.
+
+    Attributes:
+        cron: when ``medtl serve`` runs the flow: a five-field cron expression (minute hour day month weekday).
+        timezone: an IANA time zone name (``UTC``, ``Europe/Berlin``) the cron expression is read in.
+        promote: run the champion/challenger step.
+        push: ``dvc push`` after a successful run.
+        lock_timeout_s: seconds a second run on the repo waits for the first, >= 0 (0: fail at once).
+    """
 
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"
     promote: bool = True
     push: bool = True
-    lock_timeout_s: float = 0.0
+    lock_timeout_s: float = param(0.0, min=0)
+
+    def __post_init__(self) -> None:
+        check(self, "retrain")
+        if len(self.cron.split()) != 5:
+            raise ParamsError(f"retrain.cron: must be five fields (minute hour day month weekday), got {self.cron!r}")
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ParamsError(f"retrain.timezone: not a known time zone name (e.g. UTC, Europe/Berlin), "
+                              f"got {self.timezone!r}") from exc
+
+
+def _inputs(made_by: str, *paths: Path) -> None:
+    """Stop with a user error naming the first input that does not exist (and the command that makes it)."""
+    for path in paths:
+        if not Path(path).exists():
+            raise MedtlError(f"{path} does not exist: run `medtl {made_by}` (or `dvc repro`) first, or give its path")
+
+
+def _out_dir(path: str | Path) -> Path:
+    """The output directory ``path``, created; a user error naming it where it cannot be (e.g. under a file)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(out, exc) from exc
+    return out
+
+
+def _ingest_classes(params_file: Path) -> tuple[str, ...] | None:
+    """``train.classes`` for ingest's early label check: None for ``auto`` (any labels)."""
+    from pipeline import train
+
+    params = load_section(train.TrainParams, params_file, "train")
+    return None if params.auto_classes else params.classes
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -205,12 +252,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from pipeline import study
 
     repo = Path(args.repo).resolve()
-    try:
-        params = load_section(study.StudyParams, repo / "params.yaml", "study")
-        grid = params.select(args.grid)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+    params = load_section(study.StudyParams, repo / "params.yaml", "study")
+    grid = params.select(args.grid)
     try:
         if args.flow:
             _prefect_defaults()
@@ -225,6 +268,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
                                 echo=None if args.quiet else print)
             report, sentences, wall_s = summary.report, summary.findings, summary.wall_s
     except study.StudyError as exc:
+        if isinstance(exc, MedtlError):
+            raise  # cannot start here: a user error (main prints it)
         log.error("study failed: %s", exc)
         return 1
     print(f"study: {len(grid.strategies) * len(grid.fractions) * len(grid.seeds)} runs in {wall_s / 60:.1f} min; "
@@ -235,13 +280,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from pipeline import deid
+    from pipeline import keys
 
-    try:
-        path = deid.write_new_key(Path(args.path))
-    except FileExistsError as exc:
-        log.error("%s", exc)
-        return 2
+    path = keys.write_new_key(Path(args.path))  # an existing key: KeyExistsError, a one-line user error
     print(f"wrote a new pseudonymisation key to {path} (mode 600). Back it up; never commit it.")
     return 0
 
@@ -249,7 +290,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medtl", description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; a user error's traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write the synthetic DICOM cohort (the embedded default data)")
@@ -335,16 +376,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(message: str, verbose: bool) -> int:
+    """The one way a user error ends a command: ``medtl: error: <message>`` on stderr (after the traceback
+    with ``-v``), exit status 2."""
+    if verbose:
+        traceback.print_exc()
+    print(f"medtl: error: {' '.join(message.split())}", file=sys.stderr)
+    return USER_ERROR
+
+
+def _os_error_message(exc: OSError) -> str:
+    path = f"{exc.filename} -> {exc.filename2}" if getattr(exc, "filename2", None) else str(exc.filename)
+    return f"{path}: {exc.strerror or type(exc).__name__}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (:class:`pipeline.errors.MedtlError`, or an OS error naming a file: a
+    missing input, an output that cannot be written) prints one line and returns 2; ``-v`` adds the
+    traceback. Anything else is a bug in medtl and keeps its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API request otherwise
     try:
         return args.func(args)
-    except ParamsError as exc:
-        log.error("%s", exc)
-        return 2
+    except MedtlError as exc:
+        return _user_error(str(exc), args.verbose)
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        return _user_error(_os_error_message(exc), args.verbose)
 
 
 if __name__ == "__main__":

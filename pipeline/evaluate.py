@@ -37,6 +37,7 @@ import torch
 
 from pipeline import lesions, metrics, models, train
 from pipeline.io_utils import atomic_write_text, csv_text
+from pipeline.params import check, param
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +63,19 @@ class EvaluateParams:
         device: ``auto``, ``cpu`` or ``cuda``.
     """
 
-    threshold: str = "youden"
-    target_sensitivity: float = 0.9
-    n_boot: int = 1000
-    ci_level: float = 0.95
-    seed: int = 0
-    calibration_bins: int = 10
+    threshold: str = param("youden", choices=metrics.THRESHOLD_METHODS)
+    target_sensitivity: float = param(0.9, min=0, min_exclusive=True, max=1)
+    n_boot: int = param(1000, min=1)
+    ci_level: float = param(0.95, min=0, min_exclusive=True, max=1, max_exclusive=True)
+    seed: int = param(0, min=0)
+    calibration_bins: int = param(10, min=1, max=1000)
     subgroups: tuple[str, ...] = SUBGROUP_COLUMNS
-    gradcam_examples: int = 3
-    batch_size: int = 32
-    device: str = "auto"
+    gradcam_examples: int = param(3, min=0)
+    batch_size: int = param(32, min=1)
+    device: str = param("auto", choices=train.DEVICES)
 
     def __post_init__(self):
-        object.__setattr__(self, "subgroups", tuple(self.subgroups))
-        if self.threshold not in metrics.THRESHOLD_METHODS:
-            raise ValueError(f"evaluate.threshold: {self.threshold!r} is not one of {', '.join(metrics.THRESHOLD_METHODS)}")
-        if not 0 < self.ci_level < 1:
-            raise ValueError(f"evaluate.ci_level: {self.ci_level} is not between 0 and 1")
+        check(self, "evaluate")
 
 
 @dataclass
@@ -128,10 +125,10 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
     data = train.load_splits(images_dir, Path(splits_csv), tuple(classes))
     expected = list(meta["input_spec"]["shape"])
     if list(data.image_shape) != expected:
-        raise ValueError(f"{images_dir / 'tensors.npy'}: images are {list(data.image_shape)} but {model_path} "
+        raise train.DataError(f"{images_dir / 'tensors.npy'}: images are {list(data.image_shape)} but {model_path} "
                          f"expects {expected}; rerun preprocess with the model's input spec or retrain")
     if len(data.rows["test"]) == 0:
-        raise ValueError(f"{splits_csv}: the test split is empty; nothing to evaluate")
+        raise train.DataError(f"{splits_csv}: the test split is empty; nothing to evaluate")
 
     index = pd.read_parquet(images_dir / "index.parquet").set_index("row")
     probs = {s: score_split(model, data, s, device, params.batch_size) for s in ("val", "test")}

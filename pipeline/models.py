@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from pipeline.errors import MedtlError
+from pipeline.params import ParamsError, check, param
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +35,22 @@ MODEL_FORMAT = "medtl-model/1"
 
 # EfficientNet block strings (MONAI's notation). Lite0 is B0 without squeeze-excitation; it also uses
 # ReLU6 instead of swish (set in ``_build_efficientnet``).
+BACKBONES = ("efficientnet-lite0", "efficientnet-b0", "densenet121", "densenet169", "densenet201")
+
 _B0_BLOCKS = ["r1_k3_s11_e1_i32_o16", "r2_k3_s22_e6_i16_o24", "r2_k5_s22_e6_i24_o40", "r3_k3_s22_e6_i40_o80",
               "r3_k5_s11_e6_i80_o112", "r4_k5_s22_e6_i112_o192", "r1_k3_s11_e6_i192_o320"]
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(MedtlError, FileNotFoundError):
     """No pretrained weights file could be found or fetched."""
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsMismatchError(MedtlError, RuntimeError):
     """A weights file did not fill every backbone tensor of the network."""
+
+
+class ModelFileError(MedtlError, ValueError):
+    """A file given as a trained model is not one (``medtl evaluate --model``)."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +65,15 @@ class ModelParams:
         dropout: dropout before the classification head (EfficientNets; DenseNet has none).
     """
 
-    backbone: str = "efficientnet-lite0"
+    backbone: str = param("efficientnet-lite0", choices=BACKBONES)
     pretrained: str = "imagenet"
     allow_download: bool = True
-    dropout: float = 0.2
+    dropout: float = param(0.2, min=0, max=1, max_exclusive=True)
+
+    def __post_init__(self) -> None:
+        check(self, "model")
+        if not self.pretrained.strip():
+            raise ParamsError("model.pretrained: must be imagenet, none or the path of a weights file, got ''")
 
 
 @dataclass(frozen=True)
@@ -177,9 +192,6 @@ def _registry() -> dict[str, Backbone]:
         out[f"densenet{depth}"] = Backbone(f"densenet{depth}", _build_densenet(depth), "class_layers.out.", url,
                                            url.rsplit("/", 1)[1], _densenet_remap, stages=_densenet_stages)
     return out
-
-
-BACKBONES = ("efficientnet-lite0", "efficientnet-b0", "densenet121", "densenet169", "densenet201")
 
 
 def backbone(name: str) -> Backbone:
@@ -348,9 +360,14 @@ def save_model(model: Classifier, backbone_name: str, classes: list[str], input_
 
 def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
     """Rebuild a trained model from ``models/model.pt``. Returns (model in eval mode, payload without weights)."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not a medtl model file (format {payload.get('format')!r})")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as exc:  # what torch raises for a non-model
+        raise ModelFileError(f"{path}: not a medtl model file ({type(exc).__name__}); give the train stage's "
+                             "model.pt") from exc
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        payload = payload if isinstance(payload, dict) else {}
+        raise ModelFileError(f"{path}: not a medtl model file (format {payload.get('format')!r})")
     spec = backbone(payload["backbone"])
     model = Classifier(spec.build(len(payload["classes"]), 0.0))
     model.load_state_dict(payload.pop("state_dict"))

@@ -46,8 +46,10 @@ import SimpleITK as sitk
 import torch
 from pydicom.pixels import apply_modality_lut
 
+from pipeline.errors import MedtlError
 from pipeline.fanout import FanoutParams, map_ordered
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text, csv_text
+from pipeline.params import ParamsError, check, param
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
 }
 REDUCTIONS = ("key_slice", "2.5d", "mip")
+#: what ``preprocess.window`` may name per modality: a preset, or a window taken from the data
+WINDOWS = (*WINDOW_PRESETS, "instance", "percentile", "dataset_percentile")
 #: Columns of ``lesions.parquet``: tensor row (as in index.parquet), image, lesion centre and radius in
 #: tensor pixels (0-based row/column of the (size, size) plane).
 LESION_COLUMNS = ("row", "image_id", "centre_row", "centre_col", "radius_px")
@@ -66,6 +70,10 @@ LESION_COLUMNS = ("row", "image_id", "centre_row", "centre_col", "radius_px")
 
 class PreprocessError(ValueError):
     """An image unit that cannot be turned into a tensor; the message is the rejection reason."""
+
+
+class PreprocessInputError(MedtlError, ValueError):
+    """The ingest output gives nothing to preprocess."""
 
 
 @dataclass(frozen=True)
@@ -82,31 +90,28 @@ class PreprocessParams:
             for the rest.
         percentiles: (low, high) for ``percentile`` / ``dataset_percentile`` windowing.
         fingerprint_sample: images per (modality, site) sampled for ``dataset_percentile``.
-        workers: processes (or threads, or local Dask workers: see ``fanout``); 0 = one per core, 1 = in
-            this process.
+        workers: processes (or threads, or local Dask workers: see ``fanout``), >= 0: 0 = one per core,
+            1 = in this process.
     """
 
-    size: int = 224
-    channels: int = 3
-    reduce_3d: str = "key_slice"
-    slab_mm: float = 10.0
-    spacing_mm: tuple[float, float, float] = (1.5, 1.5, 2.5)
-    window: dict[str, str] = field(default_factory=lambda: {"CT": "lung", "default": "percentile"})
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    fingerprint_sample: int = 32
-    workers: int = 0
+    size: int = param(224, min=16, max=4096)
+    channels: int = param(3, choices=(1, 3))
+    reduce_3d: str = param("key_slice", choices=REDUCTIONS)
+    slab_mm: float = param(10.0, min=0, min_exclusive=True)
+    spacing_mm: tuple[float, float, float] = param((1.5, 1.5, 2.5), min=0, min_exclusive=True)
+    window: dict[str, str] = param({"CT": "lung", "default": "percentile"}, choices=WINDOWS)
+    percentiles: tuple[float, float] = param((0.5, 99.5), min=0, max=100)
+    fingerprint_sample: int = param(32, min=1)
+    workers: int = param(0, min=0)
 
     def __post_init__(self) -> None:
+        check(self, "preprocess")
         object.__setattr__(self, "spacing_mm", tuple(float(s) for s in self.spacing_mm))
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
-        if self.reduce_3d not in REDUCTIONS:
-            raise ValueError(f"preprocess.reduce_3d must be one of {REDUCTIONS}, got {self.reduce_3d!r}")
-        if self.channels not in (1, 3):
-            raise ValueError(f"preprocess.channels must be 1 or 3, got {self.channels}")
-        for modality, choice in self.window.items():
-            if choice not in (*WINDOW_PRESETS, "instance", "percentile", "dataset_percentile"):
-                raise ValueError(f"preprocess.window[{modality}]: unknown window {choice!r}; presets are "
-                                 f"{sorted(WINDOW_PRESETS)}, or 'instance' / 'percentile' / 'dataset_percentile'")
+        low, high = self.percentiles
+        if not low < high:
+            raise ParamsError(f"preprocess.percentiles: the low percentile must be below the high one, "
+                              f"got [{low:g}, {high:g}]")
 
     def window_for(self, modality: str) -> str:
         return self.window.get(modality, self.window.get("default", "percentile"))
@@ -544,7 +549,8 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
     manifest = pd.read_parquet(ingest_dir / "manifest.parquet")
     if manifest.empty:
-        raise ValueError(f"{ingest_dir / 'manifest.parquet'}: no images to preprocess")
+        raise PreprocessInputError(f"{ingest_dir / 'manifest.parquet'}: no images to preprocess (every file was "
+                                   f"rejected at ingest: see {ingest_dir / 'rejected.csv'})")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = manifest.to_dict("records")
     ground_truth = _read_lesions(ingest_dir / "lesions.parquet")

@@ -50,6 +50,7 @@ import pandas as pd
 from pipeline import evaluate, metrics, models
 from pipeline.evaluate import EvaluateParams
 from pipeline.io_utils import atomic_write_text
+from pipeline.params import ParamsError, check, param
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +75,17 @@ class PromoteParams:
         registry: directory of the champion record and the promoted versions.
     """
 
-    margin: float = 0.0
-    subgroup_tolerance: float = 0.05
-    min_subgroup_images: int = 10
-    n_boot: int = 1000
-    seed: int = 0
+    margin: float = param(0.0, min=-1, max=1, hint="an AUC difference")
+    subgroup_tolerance: float = param(0.05, min=0, max=1)
+    min_subgroup_images: int = param(10, min=1)
+    n_boot: int = param(1000, min=1)
+    seed: int = param(0, min=0)
     registry: str = "registry"
 
     def __post_init__(self):
-        if not -1 <= self.margin <= 1:
-            raise ValueError(f"promote.margin: {self.margin} is not between -1 and 1 (an AUC difference)")
-        if self.subgroup_tolerance < 0:
-            raise ValueError(f"promote.subgroup_tolerance: {self.subgroup_tolerance} is negative")
-        if self.min_subgroup_images < 1:
-            raise ValueError(f"promote.min_subgroup_images: {self.min_subgroup_images} is below 1")
-        if self.n_boot < 1:
-            raise ValueError(f"promote.n_boot: {self.n_boot} is below 1")
+        check(self, "promote")
+        if not self.registry.strip():
+            raise ParamsError("promote.registry: must be a directory, got ''")
 
 
 # ------------------------------------------------------------------------------------- comparison

@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -45,7 +44,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import MedtlError
 from pipeline.io_utils import atomic_write_text
+from pipeline.params import ParamsError, check, param
 
 log = logging.getLogger(__name__)
 
@@ -53,49 +54,52 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 REQUIRED_COLUMNS: tuple[str, ...] = ("row", "image_id", "patient_key", "label", "site")
 CSV_COLUMNS: tuple[str, ...] = ("image_id", "patient_key", "label", "site", "split")
 
+
+class SplitInputError(MedtlError, ValueError):
+    """The preprocess output (index.parquet, tensors.npy) cannot be split."""
+
+
 _CHUNK_BYTES = 64 * 1024 * 1024  # tensor bytes read per chunk while hashing
 _BLOCK_ELEMENTS = 4_000_000  # uint64 XORs per block in the near-duplicate search
 
 
 @dataclass(frozen=True)
 class SplitParams:
-    seed: int = 0
-    train: float = 0.7
-    val: float = 0.15
-    test: float = 0.15  # train + val + test must be 1
-    stratify_by_site: bool = False  # stratify by (label, site) instead of label
-    kfold: int = 0  # 0/1 = off; k >= 2 adds a fold column (0..k-1) to train+val rows, test rows get -1
-    near_duplicate_distance: int = 4  # max Hamming distance between 64-bit phashes; -1 disables
-    # A phash match is confirmed only if the 32x32 thumbnails differ by at most this mean absolute
-    # difference (images in [0, 1]): chest images of different patients from one site share so much
-    # coarse structure that their 64-bit phashes can be equal; real near-duplicates (re-exports,
-    # re-windowed or re-encoded copies, two reconstructions of one volume) are far closer pixel-wise.
-    near_duplicate_max_mad: float = 0.015
-    sticky: bool = True  # patients keep their split from the previous splits.csv; only new ones are dealt
+    """``split`` section of params.yaml.
+
+    Attributes:
+        seed: shuffles the patient units, >= 0.
+        train, val, test: fractions of patients, each in [0, 1], summing to 1.
+        stratify_by_site: stratify by (label, site) instead of label.
+        kfold: >= 0; 0/1 = off; k >= 2 adds a fold column (0..k-1) to train+val rows, test rows get -1.
+        near_duplicate_distance: max Hamming distance between 64-bit phashes, in [-1, 64]; -1 disables.
+        near_duplicate_max_mad: a phash match is confirmed only if the 32x32 thumbnails differ by at most
+            this mean absolute difference (images in [0, 1]), in [0, 1]: chest images of different patients
+            from one site share so much coarse structure that their 64-bit phashes can be equal; real
+            near-duplicates (re-exports, re-windowed or re-encoded copies, two reconstructions of one
+            volume) are far closer pixel-wise.
+        sticky: patients keep their split from the previous splits.csv; only new ones are dealt.
+    """
+
+    seed: int = param(0, min=0)
+    train: float = param(0.7, min=0, max=1)
+    val: float = param(0.15, min=0, max=1)
+    test: float = param(0.15, min=0, max=1)
+    stratify_by_site: bool = False
+    kfold: int = param(0, min=0)
+    near_duplicate_distance: int = param(4, min=-1, max=64, hint="-1 disables the near-duplicate search")
+    near_duplicate_max_mad: float = param(0.015, min=0, max=1)
+    sticky: bool = True
 
     def __post_init__(self) -> None:
-        fractions = {"train": self.train, "val": self.val, "test": self.test}
-        for name, value in fractions.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"split fraction {name}={value!r} is not a finite number")
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"split fraction {name}={value!r} is outside [0, 1]")
+        check(self, "split")
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
-            raise ValueError(
-                f"split fractions train={self.train} val={self.val} test={self.test} sum to {total:g}, not 1"
-            )
-        if isinstance(self.kfold, bool) or not isinstance(self.kfold, int) or self.kfold < 0:
-            raise ValueError(f"kfold={self.kfold!r} must be an integer >= 0 (0 or 1 = off)")
+            raise ParamsError(f"split: the fractions train={self.train} val={self.val} test={self.test} sum to "
+                              f"{total:g}, not 1")
         if self.kfold >= 2 and self.train + self.val <= 0:
-            raise ValueError(f"kfold={self.kfold} needs train+val > 0 (train={self.train} val={self.val})")
-        d = self.near_duplicate_distance
-        if isinstance(d, bool) or not isinstance(d, int) or not -1 <= d <= 64:
-            raise ValueError(f"near_duplicate_distance={d!r} must be an integer in [-1, 64] (-1 disables)")
-        if not 0.0 <= float(self.near_duplicate_max_mad) <= 1.0:
-            raise ValueError(f"near_duplicate_max_mad={self.near_duplicate_max_mad!r} must be in [0, 1]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} must be an integer")
+            raise ParamsError(f"split.kfold: {self.kfold} folds need train+val > 0 (train={self.train} "
+                              f"val={self.val})")
 
 
 @dataclass
@@ -463,22 +467,28 @@ def _summarise(
 
 
 def _read_index(index_path: Path) -> pd.DataFrame:
-    index = pd.read_parquet(index_path)
+    try:
+        index = pd.read_parquet(index_path)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError; a file it cannot read
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise SplitInputError(f"{index_path}: not a readable Parquet index ({type(exc).__name__}); "
+                              "rerun medtl preprocess") from exc
     missing = [c for c in REQUIRED_COLUMNS if c not in index.columns]
     if missing:
-        raise ValueError(f"{index_path}: missing column(s) {', '.join(missing)}")
+        raise SplitInputError(f"{index_path}: missing column(s) {', '.join(missing)}")
     if index.empty:
-        raise ValueError(f"{index_path}: index is empty (no images to split)")
+        raise SplitInputError(f"{index_path}: index is empty (no images to split)")
     if index["row"].isna().any():
-        raise ValueError(f"{index_path}: column 'row' has missing values")
+        raise SplitInputError(f"{index_path}: column 'row' has missing values")
     row = pd.to_numeric(index["row"], errors="coerce")
     if row.isna().any() or not np.all(np.equal(np.mod(row.to_numpy(dtype=np.float64), 1), 0)):
-        raise ValueError(f"{index_path}: column 'row' must hold integer row numbers")
+        raise SplitInputError(f"{index_path}: column 'row' must hold integer row numbers")
     index = index.copy()
     index["row"] = row.astype(np.int64)
     for column in ("image_id", "patient_key", "label"):
         if index[column].isna().any():
-            raise ValueError(f"{index_path}: column {column!r} has missing values")
+            raise SplitInputError(f"{index_path}: column {column!r} has missing values")
     return index
 
 
@@ -486,13 +496,16 @@ def run(params: SplitParams, index_path: Path, tensors_path: Path, out_dir: Path
     """Split the preprocessed images by patient; write ``splits.csv`` and ``split_summary.json``."""
     index_path, tensors_path, out_dir = Path(index_path), Path(tensors_path), Path(out_dir)
     index = _read_index(index_path)
-    tensors = np.load(tensors_path, mmap_mode="r")
+    try:
+        tensors = np.load(tensors_path, mmap_mode="r")
+    except (ValueError, EOFError) as exc:  # not an .npy array (empty, truncated, pickled objects)
+        raise SplitInputError(f"{tensors_path}: not a readable .npy array ({exc}); rerun medtl preprocess") from exc
     if tensors.ndim != 4:
-        raise ValueError(f"{tensors_path}: expected an (N, C, H, W) array, got shape {tensors.shape}")
+        raise SplitInputError(f"{tensors_path}: expected an (N, C, H, W) array, got shape {tensors.shape}")
     n = tensors.shape[0]
     bad = index["row"][(index["row"] < 0) | (index["row"] >= n)]
     if len(bad):
-        raise ValueError(
+        raise SplitInputError(
             f"{index_path}: {len(bad)} row(s) out of range of {tensors_path} ({n} images), "
             f"e.g. {bad.head(3).tolist()}"
         )

@@ -39,7 +39,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ import pandas as pd
 
 from pipeline.dvc_cli import run_dvc
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
-from pipeline.params import section
+from pipeline.errors import MedtlError
+from pipeline.params import ParamsError, check, param, section, suggest
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,11 @@ class StudyError(RuntimeError):
     """The study cannot start, a run failed, or a run's results are missing."""
 
 
+class StudySetupError(StudyError, MedtlError):
+    """The study cannot start in this project (a user error: no commit, no dvc.yaml, ignored result files,
+    a busy queue); the message says what to do."""
+
+
 # ------------------------------------------------------------------------------------------ params
 
 
@@ -105,58 +111,62 @@ class StudyGrid:
             ``preprocess.size``, ``evaluate.n_boot``, ``evaluate.gradcam_examples``).
     """
 
-    strategies: tuple[str, ...] = STRATEGIES
-    fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
-    seeds: tuple[int, ...] = (0,)
-    epochs: int = 6
-    patience: int = 0
-    min_steps: int = 0
-    target_val_auc: float = 0.75
-    jobs: int = 1
-    n_boot: int = 1000
-    ci_level: float = 0.95
-    overrides: dict = field(default_factory=dict)
+    strategies: tuple[str, ...] = param(STRATEGIES, choices=STRATEGIES)
+    fractions: tuple[float, ...] = param((0.1, 0.25, 0.5, 1.0), min=0, min_exclusive=True, max=1)
+    seeds: tuple[int, ...] = param((0,), min=0)
+    epochs: int = param(6, min=1)
+    patience: int = param(0, min=0)
+    min_steps: int = param(0, min=0)
+    target_val_auc: float = param(0.75, min=0, min_exclusive=True, max=1)
+    jobs: int = param(1, min=1)
+    n_boot: int = param(1000, min=1)
+    ci_level: float = param(0.95, min=0, min_exclusive=True, max=1, max_exclusive=True)
+    overrides: dict[str, Any] = param({})
 
     def __post_init__(self):
-        object.__setattr__(self, "strategies", tuple(self.strategies))
+        check(self, "study.grids.*")
         object.__setattr__(self, "fractions", tuple(sorted(float(f) for f in self.fractions)))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-        object.__setattr__(self, "overrides", dict(self.overrides or {}))
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
-        if unknown or not self.strategies or len(set(self.strategies)) != len(self.strategies):
-            raise ValueError(f"study: strategies {list(self.strategies)}: need distinct values from {list(STRATEGIES)}")
-        if not self.fractions or any(not 0 < f <= 1 for f in self.fractions) or len(set(self.fractions)) != len(self.fractions):
-            raise ValueError(f"study: fractions {list(self.fractions)}: need distinct values in (0, 1]")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"study: seeds {list(self.seeds)}: need one or more distinct integers")
-        if self.epochs < 1 or self.patience < 0 or self.min_steps < 0 or self.jobs < 1 or self.n_boot < 1:
-            raise ValueError("study: need epochs >= 1, patience >= 0, min_steps >= 0, jobs >= 1, n_boot >= 1")
-        if not 0 < self.target_val_auc <= 1 or not 0 < self.ci_level < 1:
-            raise ValueError("study: target_val_auc must be in (0, 1] and ci_level in (0, 1)")
+        for name in ("strategies", "fractions", "seeds"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ParamsError(f"study: {name} {list(values)}: need one or more distinct values")
         bad = [k for k in self.overrides if k in RUN_KEYS or "." not in str(k)]
         if bad:
-            raise ValueError(f"study: overrides {bad}: keys are section.key and may not be one the study sets "
-                             f"per run ({', '.join(RUN_KEYS)})")
+            raise ParamsError(f"study: overrides {bad}: keys are section.key and may not be one the study sets "
+                              f"per run ({', '.join(RUN_KEYS)})")
 
 
 @dataclass(frozen=True)
 class StudyParams:
-    """``study`` section of params.yaml: the grid run by default, the experiment-name prefix, the grids."""
+    """``study`` section of params.yaml: the grid run by default, the experiment-name prefix, the grids
+    (each a :class:`StudyGrid` mapping, all checked when read)."""
 
     grid: str = "cpu"
     name: str = "study"
-    grids: dict = field(default_factory=lambda: {"cpu": {}})
+    grids: dict[str, dict | None] = param({"cpu": {}})
 
     def __post_init__(self):
+        check(self, "study")
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", self.name):
-            raise ValueError(f"study.name: {self.name!r} must be letters, digits, - or _ (it prefixes experiment names)")
+            raise ParamsError(f"study.name: {self.name!r} must be letters, digits, - or _ (it prefixes experiment "
+                              "names)")
+        for name, values in self.grids.items():
+            section(StudyGrid, values, where=f"study.grids.{name}")
+        if self.grid not in self.grids:
+            raise ParamsError(f"study.grid: {self.grid!r} is not a grid of study.grids"
+                              f"{_suggest_grid(self.grid, self.grids)}")
 
     def select(self, grid: str | None = None) -> StudyGrid:
         """The grid named ``grid`` (default ``study.grid``) as a :class:`StudyGrid`."""
         name = grid or self.grid
         if name not in self.grids:
-            raise ValueError(f"study: no grid {name!r} in study.grids (have {sorted(self.grids)})")
-        return section(StudyGrid, self.grids[name], where=f"params.yaml:study.grids.{name}")
+            raise ParamsError(f"study: no grid {name!r} in study.grids{_suggest_grid(name, self.grids)}")
+        return section(StudyGrid, self.grids[name], where=f"study.grids.{name}")
+
+
+def _suggest_grid(name: str, grids: dict) -> str:
+    return suggest(name, grids, "the grids are")
 
 
 # -------------------------------------------------------------------------------------------- plan
@@ -246,7 +256,7 @@ def baseline(repo: Path) -> str:
     """The commit the experiments are based on (HEAD)."""
     done = _git(repo, "rev-parse", "--verify", "HEAD", check=False)
     if done.returncode != 0:
-        raise StudyError(f"{repo}: no git commit yet; DVC experiments are based on one (git add, git commit)")
+        raise StudySetupError(f"{repo}: no git commit yet; DVC experiments are based on one (git add, git commit)")
     return done.stdout.strip()
 
 
@@ -270,11 +280,11 @@ def preflight(repo: Path) -> str:
     """
     repo = Path(repo)
     if not (repo / "dvc.yaml").is_file():
-        raise StudyError(f"{repo}: no dvc.yaml; run the study in the project directory")
+        raise StudySetupError(f"{repo}: no dvc.yaml; run the study in the project directory")
     base = baseline(repo)
     ignored = [p for p in EXP_FILES.values() if _git(repo, "check-ignore", "-q", p, check=False).returncode == 0]
     if ignored:
-        raise StudyError(
+        raise StudySetupError(
             f"git ignores {', '.join(ignored)}: `dvc exp` commits only files git tracks, so every run's metrics "
             "would be lost (and `dvc exp show` would show none). Un-ignore DVC's cache: false outputs in "
             ".gitignore, e.g. `!/models/train_metrics.json`, `!/models/live/`, `!/reports/metrics.json`, "
@@ -282,9 +292,9 @@ def preflight(repo: Path) -> str:
     code, lines = run_dvc(repo, "queue", "status")
     busy = [line for line in lines if re.search(r"\b(Queued|Running)\s*$", line)]
     if code == 0 and busy:
-        raise StudyError(f"the DVC queue already holds {len(busy)} experiment(s) ({'; '.join(busy[:3])}); run or "
-                         "remove them first (dvc queue status; dvc queue remove --queued; a 'Running' one left by "
-                         "an interrupted study: dvc queue kill <task>)")
+        raise StudySetupError(f"the DVC queue already holds {len(busy)} experiment(s) ({'; '.join(busy[:3])}); "
+                              "run or remove them first (dvc queue status; dvc queue remove --queued; a 'Running' "
+                              "one left by an interrupted study: dvc queue kill <task>)")
     return base
 
 

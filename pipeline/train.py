@@ -43,7 +43,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +52,14 @@ import torch
 from torch import nn
 
 from pipeline import models
+from pipeline.errors import MedtlError
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
+from pipeline.params import ParamsError, check, param, section
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("feature_extraction", "finetune", "gradual")
+DEVICES = ("auto", "cpu", "cuda")
 #: BatchNorm statistics of a pretrained backbone while it trains, and why each mode does what it does (the
 #: model card carries the sentence); a network from scratch always recalibrates. ``batch`` is PyTorch's plain
 #: train mode: MONAI's EfficientNet keeps TensorFlow's momentum 0.01, so the statistics evaluation uses barely
@@ -80,65 +83,86 @@ class AugmentParams:
     """Random augmentation of one modality (MONAI transforms on (C, H, W) in [0, 1]).
 
     Attributes:
-        prob: probability of each random transform.
+        prob: probability of each random transform, in [0, 1].
         flip: left-right flips (off for chest radiographs: laterality is anatomy).
-        rotate_deg: maximum in-plane rotation (degrees).
-        zoom: maximum relative zoom in or out.
-        intensity: maximum relative intensity scale and shift, and contrast (gamma) change.
+        rotate_deg: maximum in-plane rotation (degrees), in [0, 180].
+        zoom: maximum relative zoom in or out, in [0, 1).
+        intensity: maximum relative intensity scale and shift, and contrast (gamma) change, in [0, 1].
     """
 
-    prob: float = 0.5
+    prob: float = param(0.5, min=0, max=1)
     flip: bool = True
-    rotate_deg: float = 10.0
-    zoom: float = 0.1
-    intensity: float = 0.1
+    rotate_deg: float = param(10.0, min=0, max=180)
+    zoom: float = param(0.1, min=0, max=1, max_exclusive=True)
+    intensity: float = param(0.1, min=0, max=1)
+
+    def __post_init__(self) -> None:
+        check(self, "train.augment")
+
+
+#: ``train.classes: auto``: the sorted distinct labels of the preprocessed images
+AUTO_CLASSES = "auto"
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    """``train`` section of params.yaml (see the comments there)."""
+    """``train`` section of params.yaml (see the comments there).
 
-    classes: tuple[str, ...] = ("normal", "lesion")
-    strategy: str = "finetune"
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 1e-3
-    backbone_lr_mult: float = 0.1
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    gradual_head_epochs: int = 1
-    gradual_every: int = 1
-    class_balance: str = "weights"
-    patience: int = 4
-    seed: int = 0
-    amp: str = "auto"
+    Attributes:
+        classes: the label values in order, two or more (for two: negative first, the positive class
+            last); integers are read as their text (labels ``0``/``1``). ``auto``: the sorted distinct
+            labels of the preprocessed images (for ``0``/``1``: 1 positive; for names, the
+            alphabetically last is positive, so name them explicitly).
+        workers: DataLoader worker processes, >= -1: -1 = automatic (0 on CPU, min(8, cores) on a GPU),
+            0 = load in the training process.
+        patience: early stopping after this many epochs without a validation AUC gain, >= 0 (0 = off).
+        min_steps: at least this many optimiser steps (more epochs for a small training set), >= 0.
+        fraction: share of the training patients used, in (0, 1].
+    """
+
+    classes: tuple[str | int, ...] | str = ("normal", "lesion")
+    strategy: str = param("finetune", choices=STRATEGIES, hint="training from scratch is model.pretrained: none")
+    epochs: int = param(10, min=1)
+    batch_size: int = param(16, min=1)
+    lr: float = param(1e-3, min=0, min_exclusive=True, max=10)
+    backbone_lr_mult: float = param(0.1, min=0, max=10)
+    weight_decay: float = param(1e-4, min=0, max=1)
+    warmup_epochs: float = param(1.0, min=0)
+    gradual_head_epochs: int = param(1, min=0)
+    gradual_every: int = param(1, min=1)
+    class_balance: str = param("weights", choices=("weights", "sampler", "none"))
+    patience: int = param(4, min=0)
+    seed: int = param(0, min=0)
+    amp: str = param("auto", choices=("auto", "bf16", "fp16", "off"))
     channels_last: bool = True
     compile: bool = False
-    workers: int = -1
-    device: str = "auto"
-    augment: dict = field(default_factory=lambda: {"default": {}})
-    fraction: float = 1.0
-    fraction_seed: int = 0
-    batchnorm: str = "frozen"
-    min_steps: int = 0
+    workers: int = param(-1, min=-1)
+    device: str = param("auto", choices=DEVICES)
+    augment: dict[str, dict | None] = param({"default": {}})
+    fraction: float = param(1.0, min=0, min_exclusive=True, max=1)
+    fraction_seed: int = param(0, min=0)
+    batchnorm: str = param("frozen", choices=BATCHNORM_MODES)
+    min_steps: int = param(0, min=0)
 
     def __post_init__(self):
-        object.__setattr__(self, "classes", tuple(self.classes))
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"train.fraction: {self.fraction} is not in (0, 1]")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"train.strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)} "
-                             "(training from scratch is model.pretrained: none)")
-        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"train.classes: need two or more distinct class names, got {list(self.classes)}")
-        if self.class_balance not in ("weights", "sampler", "none"):
-            raise ValueError(f"train.class_balance: {self.class_balance!r} is not weights, sampler or none")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"train.amp: {self.amp!r} is not auto, bf16, fp16 or off")
-        if self.batchnorm not in BATCHNORM_MODES:
-            raise ValueError(f"train.batchnorm: {self.batchnorm!r} is not one of {', '.join(BATCHNORM_MODES)}")
-        if self.min_steps < 0:
-            raise ValueError(f"train.min_steps: {self.min_steps} is negative")
+        check(self, "train")
+        if isinstance(self.classes, str):
+            if self.classes != AUTO_CLASSES:
+                raise ParamsError(f"train.classes: must be a list of two or more labels, or {AUTO_CLASSES}, "
+                                  f"got {self.classes!r}")
+        else:
+            object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+            if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes) or not all(self.classes):
+                raise ParamsError(f"train.classes: need two or more distinct labels (or {AUTO_CLASSES}), "
+                                  f"got {list(self.classes)}")
+        for modality, values in self.augment.items():
+            merged = {**(self.augment.get("default") or {}), **(values or {})}
+            section(AugmentParams, merged, where=f"train.augment.{modality}")
+
+    @property
+    def auto_classes(self) -> bool:
+        """``classes: auto``: the labels found decide (:func:`load_splits`)."""
+        return self.classes == AUTO_CLASSES
 
     def augment_for(self, modality: str) -> AugmentParams:
         """The augmentation of ``modality``: its own entry over ``default`` over the dataclass defaults."""
@@ -181,6 +205,7 @@ class SplitData:
     patients: dict[str, int]
     image_shape: tuple[int, ...]
     train_pool_patients: int | None = None  # train patients before ``fraction`` took its subset
+    classes: tuple[str, ...] = ()  # what the label indices index (``train.classes``, ``auto`` resolved)
 
 
 def train_subset(patient_labels: pd.Series, fraction: float, seed: int = 0) -> set[str]:
@@ -207,23 +232,61 @@ def train_subset(patient_labels: pd.Series, fraction: float, seed: int = 0) -> s
     return keep
 
 
-def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...], *, fraction: float = 1.0,
+class DataError(MedtlError, ValueError):
+    """The preprocessed images or the split assignment cannot be trained (or evaluated) on."""
+
+
+class UnknownLabelsError(DataError):
+    """Labels of the preprocessed images that are not in ``train.classes``."""
+
+
+def _read_input(path: Path, read, made_by: str):
+    """``read(path)``; a file that exists but cannot be read as what it should be is a :class:`DataError`."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise
+    except (ValueError, EOFError, OSError) as exc:  # pyarrow's ArrowInvalid and pandas' EmptyDataError: ValueErrors
+        raise DataError(f"{path}: not readable ({type(exc).__name__}); rerun {made_by}") from exc
+
+
+def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...] | str, *, fraction: float = 1.0,
                 fraction_seed: int = 0) -> SplitData:
     """Join the preprocess index with the split assignment; labels become indices into ``classes``.
 
-    ``fraction`` < 1 keeps only a nested, class-stratified subset of the TRAINING patients
-    (:func:`train_subset`); validation and test rows are never touched.
+    ``classes`` ``auto`` takes the sorted distinct labels of the index (every split), recorded in the
+    result's ``classes``. ``fraction`` < 1 keeps only a nested, class-stratified subset of the TRAINING
+    patients (:func:`train_subset`); validation and test rows are never touched.
+
+    Raises:
+        UnknownLabelsError: a label is not in ``classes`` (or ``auto`` finds fewer than two).
+        DataError: images without a split, or an empty train or validation split.
     """
-    index = pd.read_parquet(images_dir / "index.parquet")
-    splits = pd.read_csv(splits_csv, dtype={"image_id": str})
+    index_path = images_dir / "index.parquet"
+    index = _read_input(index_path, pd.read_parquet, "medtl preprocess")
+    splits = _read_input(splits_csv, lambda p: pd.read_csv(p, dtype={"image_id": str}), "medtl split")
+    missing = [c for c in ("image_id", "split") if c not in splits.columns]
+    if missing:
+        raise DataError(f"{splits_csv}: missing column(s) {', '.join(missing)}; rerun medtl split")
     frame = index.merge(splits[["image_id", "split"]], on="image_id", how="inner", validate="one_to_one")
     if len(frame) != len(index):
-        raise ValueError(f"{splits_csv}: {len(index) - len(frame)} of {len(index)} preprocessed images have no split")
-    unknown = sorted(set(frame["label"]) - set(classes))
+        raise DataError(f"{splits_csv}: {len(index) - len(frame)} of {len(index)} preprocessed images have no split; "
+                        "rerun medtl split")
+    found = sorted(set(frame["label"].astype(str)))
+    if classes == AUTO_CLASSES:
+        if len(found) < 2:
+            raise UnknownLabelsError(f"train.classes: auto found only the label(s) {found} in {index_path}; "
+                                     "a classifier needs two or more")
+        classes = tuple(found)
+    classes = tuple(classes)
+    unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"labels {unknown} in {images_dir / 'index.parquet'} are not in train.classes {list(classes)}")
+        raise UnknownLabelsError(
+            f"labels {unknown} in {index_path} are not in train.classes {list(classes)} (labels found: {found}); "
+            "set train.classes in params.yaml to these labels (two classes: negative first, positive last) or to auto")
+    frame = frame.assign(label=frame["label"].astype(str))
     tensors = images_dir / "tensors.npy"
-    shape = np.load(tensors, mmap_mode="r").shape
+    shape = _read_input(tensors, lambda p: np.load(p, mmap_mode="r"), "medtl preprocess").shape
     out: dict[str, dict[str, np.ndarray]] = {"rows": {}, "labels": {}, "modalities": {}}
     patients = {}
     train_rows = frame["split"] == "train"
@@ -241,8 +304,9 @@ def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...], *,
         patients[name] = int(part["patient_key"].nunique())
     for name in ("train", "val"):
         if len(out["rows"][name]) == 0:
-            raise ValueError(f"{splits_csv}: the {name} split is empty")
-    return SplitData(tensors, out["rows"], out["labels"], out["modalities"], patients, tuple(shape[1:]), pool)
+            raise DataError(f"{splits_csv}: the {name} split is empty")
+    return SplitData(tensors, out["rows"], out["labels"], out["modalities"], patients, tuple(shape[1:]), pool,
+                     classes)
 
 
 def _augmentation(p: AugmentParams):
@@ -585,9 +649,14 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
     live_dir = Path(live_dir or out_dir / "live")
     dist, device = init_distributed(params.device)
     if dist.world_size > 1 and params.class_balance == "sampler":
-        raise ValueError("train.class_balance: sampler is not supported under DDP (torchrun); use weights")
+        raise ParamsError("train.class_balance: sampler is not supported under DDP (torchrun); use weights")
     data = load_splits(images_dir, Path(splits_csv), params.classes, fraction=params.fraction,
                        fraction_seed=params.fraction_seed)
+    classes_setting = params.classes
+    if params.auto_classes:  # from here on the classes found: model, card, config hash
+        params = replace(params, classes=data.classes)
+        if dist.main:
+            log.info("train.classes auto: %s (positive class %s)", list(data.classes), data.classes[-1])
     versions = data_version(images_dir, Path(splits_csv))
     config_hash = _config_hash(params, model_params, versions["tensors"] + versions["index"] + versions["splits"])
     dtype = amp_dtype(params, device)
@@ -745,7 +814,7 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
                            epochs, bn_mode)
     if dist.main:
         _write_outputs(out_dir, model, params, model_params, weights, data, images_dir, versions, history,
-                       summary, dtype)
+                       summary, dtype, classes_setting=classes_setting)
         if live is not None:
             live.end()
     if dist.world_size > 1:
@@ -816,7 +885,8 @@ def _log_live(live, record: dict) -> None:
 
 def _write_outputs(out_dir: Path, model: models.Classifier, params: TrainParams, model_params: models.ModelParams,
                    weights: models.WeightsInfo, data: SplitData, images_dir: Path, versions: dict,
-                   history: list[dict], summary: TrainSummary, dtype: torch.dtype | None) -> None:
+                   history: list[dict], summary: TrainSummary, dtype: torch.dtype | None, *,
+                   classes_setting: tuple[str, ...] | str | None = None) -> None:
     fingerprint_path = images_dir / "fingerprint.json"
     fingerprint = json.loads(fingerprint_path.read_text()) if fingerprint_path.exists() else {}
     input_spec = {
@@ -865,6 +935,8 @@ def _write_outputs(out_dir: Path, model: models.Classifier, params: TrainParams,
         "limitations": ["Trained and validated on one site's data; performance elsewhere is unknown until evaluated.",
                         "Inputs must be preprocessed with the input_spec.preprocess parameters."],
     }
+    if classes_setting == AUTO_CLASSES:
+        card["data"]["classes_from"] = "train.classes: auto (the sorted distinct labels of the preprocessed images)"
     atomic_write_text(out_dir / "model_card.json", json.dumps(card, indent=2, default=_json_default) + "\n")
     metrics = {k: v for k, v in asdict(summary).items() if k not in ("device",)}
     atomic_write_text(out_dir / "train_metrics.json", json.dumps(metrics, indent=2, default=_json_default) + "\n")

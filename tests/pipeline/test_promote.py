@@ -166,11 +166,12 @@ TINY = {"batch_size": 8, "patience": 0, "workers": 0, "device": "cpu", "channels
 
 @pytest.fixture(scope="module")
 def trained(tiny_images, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """name -> (model.pt, reports dir): ``good`` (ImageNet lite0, 3 epochs) and ``weak`` (random init, lr 0)."""
+    """name -> (model.pt, reports dir): ``good`` (ImageNet lite0, 3 epochs) and ``weak`` (random init, lr 1e-30:
+    it learns nothing; train.lr must be > 0)."""
     out = {}
     for name, train_params, model_params in (
             ("good", train.TrainParams(epochs=3, **TINY), models.ModelParams()),
-            ("weak", train.TrainParams(epochs=1, lr=0.0, **TINY), models.ModelParams(pretrained="none"))):
+            ("weak", train.TrainParams(epochs=1, lr=1e-30, **TINY), models.ModelParams(pretrained="none"))):
         model_dir = tmp_path_factory.mktemp(name)
         train.run(train_params, model_params, *tiny_images, model_dir, progress=False)
         evaluate.run(EVAL, model_dir / "model.pt", *tiny_images, model_dir / "reports", report=False)
