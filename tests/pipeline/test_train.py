@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from pipeline import models, train
+from pipeline.errors import MedtlError
 
 from tests.conftest import TINY_SIZE as SIZE
 
@@ -121,8 +122,10 @@ def test_early_stopping_keeps_the_best_epoch(images, tmp_path):
 
 
 def test_labels_outside_the_classes_are_an_error_naming_the_file(images, tmp_path):
-    with pytest.raises(ValueError, match=r"\['lesion'\].*index.parquet.*train.classes"):
+    with pytest.raises(train.UnknownLabelsError, match=r"\['lesion'\].*index.parquet.*train.classes") as err:
         _run(images, tmp_path, replace(TINY, classes=("normal", "tumour")))
+    assert isinstance(err.value, MedtlError)
+    assert "labels found: ['lesion', 'normal']" in str(err.value) and "or to auto" in str(err.value)
     with pytest.raises(ValueError, match="scratch is model.pretrained: none"):
         replace(TINY, strategy="scratch")
 
@@ -239,3 +242,13 @@ def test_min_steps_raises_the_epochs_of_a_small_training_set():
     assert train.planned_epochs(replace(params, min_steps=0), steps_per_epoch=5) == 4
     with pytest.raises(ValueError, match="train.batchnorm"):
         replace(TINY, batchnorm="sometimes")
+
+
+def test_classes_auto_are_the_sorted_labels_and_the_card_says_so(images, tmp_path):
+    assert train.load_splits(images[0], images[1], "auto").classes == ("lesion", "normal")
+    assert train.load_splits(images[0], images[1], ("normal", "lesion")).classes == ("normal", "lesion")
+    _run(images, tmp_path, replace(TINY, classes="auto", epochs=1))
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    assert card["input_spec"]["classes"] == card["params"]["train"]["classes"] == ["lesion", "normal"]
+    assert card["input_spec"]["positive_class"] == "normal" and "auto" in card["data"]["classes_from"]
+    assert models.load_model(tmp_path / "model.pt")[1]["classes"] == ["lesion", "normal"]
