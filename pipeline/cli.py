@@ -142,12 +142,16 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+CRON_ALIASES = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
+
+
 @dataclass(frozen=True)
 class RetrainParams:
     """``retrain`` section of params.yaml: the Prefect flow's schedule and defaults.
 
     Attributes:
-        cron: when ``medtl serve`` runs the flow: a five-field cron expression (minute hour day month weekday).
+        cron: when ``medtl serve`` runs the flow: a five-field cron expression (minute hour day month weekday)
+            or an alias such as ``@weekly``.
         timezone: an IANA time zone name (``UTC``, ``Europe/Berlin``) the cron expression is read in.
         promote: run the champion/challenger step.
         push: ``dvc push`` after a successful run.
@@ -162,8 +166,9 @@ class RetrainParams:
 
     def __post_init__(self) -> None:
         check(self, "retrain")
-        if len(self.cron.split()) != 5:
-            raise ParamsError(f"retrain.cron: must be five fields (minute hour day month weekday), got {self.cron!r}")
+        if len(self.cron.split()) != 5 and self.cron.strip() not in CRON_ALIASES:
+            raise ParamsError(f"retrain.cron: must be five fields (minute hour day month weekday) or one of "
+                              f"{', '.join(CRON_ALIASES)}, got {self.cron!r}")
         try:
             zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:

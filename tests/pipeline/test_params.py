@@ -107,8 +107,9 @@ MESSAGES = [
     ("promote", "promote: {margin: 2}", "promote.margin: must be a number in [-1, 1], got 2; an AUC difference"),
     ("retrain", "retrain: {timezone: Mars/Base}", "retrain.timezone: not a known time zone name (e.g. UTC, "
                                                   "Europe/Berlin), got 'Mars/Base'"),
-    ("retrain", "retrain: {cron: '0 3 *'}", "retrain.cron: must be five fields (minute hour day month weekday), "
-                                            "got '0 3 *'"),
+    ("retrain", "retrain: {cron: '0 3 *'}", "retrain.cron: must be five fields (minute hour day month weekday) or "
+                                            "one of @hourly, @daily, @midnight, @weekly, @monthly, @yearly, "
+                                            "@annually, got '0 3 *'"),
     ("study", "study: {grids: {cpu: {epochs: 0}}}", "study.grids.cpu.epochs: must be an integer >= 1, got 0"),
     ("study", "study: {grids: {cpu: {strategies: [scratch, lora]}}}",
      "study.grids.cpu.strategies[1]: must be one of scratch, feature_extraction, finetune, gradual, got 'lora'"),
