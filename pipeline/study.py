@@ -121,10 +121,11 @@ class StudyGrid:
     jobs: int = param(1, min=1)
     n_boot: int = param(1000, min=1)
     ci_level: float = param(0.95, min=0, min_exclusive=True, max=1, max_exclusive=True)
-    overrides: dict[str, Any] = param({})
+    overrides: dict[str, Any] | None = param({})
 
     def __post_init__(self):
         check(self, "study.grids.*")
+        object.__setattr__(self, "overrides", dict(self.overrides or {}))
         object.__setattr__(self, "fractions", tuple(sorted(float(f) for f in self.fractions)))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         for name in ("strategies", "fractions", "seeds"):
