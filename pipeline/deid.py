@@ -36,16 +36,22 @@ from __future__ import annotations
 import base64
 import csv
 import datetime as dt
+import functools
 import hashlib
 import hmac
+import io
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.charset import decode_bytes
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
@@ -98,6 +104,7 @@ IDENTIFIER_KEYWORDS = (
 )
 _IDENTIFIER_TAGS = tuple(tag_for_keyword(k) for k in IDENTIFIER_KEYWORDS)
 _BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "AT", "UV", "SV"})
 _TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "CS", "AE", "PN", "UR"})
 _CS = re.compile(r"^[A-Z0-9 _]{0,16}$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -138,19 +145,27 @@ def identifiers(ds: Dataset) -> frozenset[str]:
         if vr == "PN":
             tags.add(tag)
     for tag in tags:
-        try:
-            value = ds[tag].value if tag in ds else None
-        except Exception:  # noqa: BLE001 - an undecodable identifier: its raw bytes still count
-            raw = ds.get_item(tag)
-            value = raw.value.decode("latin-1", "replace") if raw is not None and isinstance(raw.value, bytes) else None
-        if value is None or value == "":
+        raw = ds.get_item(tag) if tag in ds else None
+        if raw is None or not raw.value:
             continue
-        for item in value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]:
+        value = raw.value
+        if isinstance(value, bytes):
+            try:
+                value = decode_bytes(value, _encodings(ds), set())
+            except Exception:  # noqa: BLE001 - undecodable in the declared character set: its bytes still count
+                value = value.decode("latin-1")
+        for item in value.split("\\") if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value]):
             text = _normalise(str(item))
             if len(text) >= 3:
                 tokens.add(text)
             tokens.update(part for part in text.split() if len(part) >= 3)
     return frozenset(tokens)
+
+
+def _encodings(ds: Dataset) -> list[str]:
+    """The Python codecs of a dataset's SpecificCharacterSet (pydicom gives a str for a single one)."""
+    encodings = ds._character_set
+    return [encodings] if isinstance(encodings, str) else list(encodings)
 
 
 def _mentions(value: object, tokens: frozenset[str]) -> bool:
@@ -211,16 +226,15 @@ class Pseudonymizer:
         out.LongitudinalTemporalInformationModified = "MODIFIED"
         out.PatientIdentityRemoved = "YES"
         out.DeidentificationMethod = f"medtl v{DEID_VERSION} allow-list PS3.15 Basic Profile"  # LO: <= 64 chars
-        codes = []
-        for value, meaning in METHOD_CODES:
-            item = Dataset()
-            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
-            codes.append(item)
-        out.DeidentificationMethodCodeSequence = Sequence(codes)
         meta = FileMetaDataset()
         source_meta = getattr(ds, "file_meta", None)
         transfer_syntax = source_meta.get("TransferSyntaxUID") if source_meta is not None else None
-        meta.TransferSyntaxUID = transfer_syntax or pydicom.uid.ImplicitVRLittleEndian
+        meta.TransferSyntaxUID = pydicom.uid.UID(transfer_syntax or pydicom.uid.ImplicitVRLittleEndian)
+        out[_METHOD_CODES_TAG] = _method_codes(meta.TransferSyntaxUID.is_implicit_VR,
+                                               meta.TransferSyntaxUID.is_little_endian)
+        source_class = str(source_meta.get("MediaStorageSOPClassUID", "")) if source_meta is not None else ""
+        if "SOPClassUID" not in out and is_uid(source_class):
+            out.SOPClassUID = source_class  # type 1, but some writers leave it to the file meta
         if "SOPClassUID" in out:
             meta.MediaStorageSOPClassUID = out.SOPClassUID
         if "SOPInstanceUID" in out:
@@ -228,6 +242,29 @@ class Pseudonymizer:
         out.file_meta = meta
         out.preamble = b"\x00" * 128
         return out
+
+
+_METHOD_CODES_TAG = Tag(tag_for_keyword("DeidentificationMethodCodeSequence"))
+
+
+@functools.lru_cache(maxsize=8)
+def _method_codes(implicit: bool, little: bool) -> RawDataElement:
+    """DeidentificationMethodCodeSequence, encoded once per encoding (writing a sequence is slow)."""
+    codes = []
+    for value, meaning in METHOD_CODES:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        codes.append(item)
+    elem = DataElement(_METHOD_CODES_TAG, "SQ", Sequence(codes))
+    buffer = DicomBytesIO()
+    buffer.is_implicit_VR, buffer.is_little_endian = implicit, little
+    write_data_element(buffer, elem)
+    encoded = buffer.getvalue()
+    value = encoded[8:] if implicit else encoded[12:]  # tag, (VR, reserved,) length
+    length = int.from_bytes((encoded[4:8] if implicit else encoded[8:12]), "little" if little else "big")
+    if length != 0xFFFFFFFF:
+        assert length == len(value)
+    return RawDataElement(_METHOD_CODES_TAG, None if implicit else "SQ", length, value, 0, implicit, little)
 
 
 class _Rebuild:
@@ -247,26 +284,34 @@ class _Rebuild:
                 continue
             elem = self.element(source, tag, rule)
             if elem is not None:
-                out.add(elem)
+                out[tag] = elem
         return out
 
-    def element(self, source: Dataset, tag: Tag, rule: Keep) -> DataElement | None:
+    def element(self, source: Dataset, tag: Tag, rule: Keep) -> DataElement | RawDataElement | None:
+        """The output element for ``tag``: kept values stay raw (their bytes are written as read)."""
         action = rule.action
-        if action == "pseudonym":
-            return DataElement(tag, _dictionary_vr(tag), self.patient_key)
-        if action == "empty":
-            return DataElement(tag, _dictionary_vr(tag), "" if _dictionary_vr(tag) != "SQ" else Sequence())
-        elem = source[tag]
         expected = _dictionary_vr(tag)
-        if elem.VR != expected and elem.VR not in expected.split(" or "):
+        if action == "pseudonym":
+            return DataElement(tag, expected, self.patient_key)
+        if action == "empty":
+            return DataElement(tag, expected, "")
+        raw = source.get_item(tag)
+        if raw is None:
+            return None
+        if raw.VR is not None and raw.VR != expected and raw.VR not in expected.split(" or ") and raw.VR != "UN":
             return None  # stored under another VR: whatever it holds, it is not this attribute's value
         if action == "bulk":
-            return elem
+            return raw
         if action == "sequence":
+            elem = source[tag]
             if elem.VR != "SQ":
                 return None
-            items = Sequence([self.dataset(item) for item in (elem.value or [])])
-            return DataElement(tag, "SQ", items)
+            return DataElement(tag, "SQ", Sequence([self.dataset(item) for item in (elem.value or [])]))
+        if raw.is_raw and raw.VR != "UN" and action == "keep":
+            return self.checked_raw(raw, raw.VR or expected, source)
+        elem = convert_raw_data_element(raw, encoding=source._character_set, ds=source) if raw.is_raw else raw
+        if elem.VR != expected and elem.VR not in expected.split(" or "):
+            return None
         value = elem.value
         if value is None or value == "":
             return elem
@@ -281,7 +326,44 @@ class _Rebuild:
                 return None
             number, unit = int(match.group(1)), match.group(2)
             return DataElement(tag, "AS", "090Y" if unit == "Y" and number >= 90 else f"{number:03d}{unit}")
-        return self.checked(elem)
+        checked = self.checked(elem)
+        if checked is elem and raw.is_raw and raw.VR in (None, elem.VR):
+            return raw  # valid and clean: its bytes as read (no re-encoding)
+        return checked
+
+    def checked_raw(self, raw: RawDataElement, vr: str, source: Dataset) -> RawDataElement | DataElement | None:
+        """``keep`` on the bytes as read: the same rules as :meth:`checked` without decoding into objects
+        (what most of the rebuild's time went to); the raw element is then written as read."""
+        value = raw.value
+        if not value:
+            return raw
+        if vr in _BULK_VRS or vr == "SQ":
+            return None
+        if vr in _BINARY_VRS:
+            return raw if len(value) <= 128 else None
+        if len(value) > _MAX_VALUE_BYTES:
+            return None
+        if vr in _TEXT_VRS:
+            try:
+                text = decode_bytes(value, _encodings(source), set())
+            except Exception:  # noqa: BLE001 - not text in the declared character set
+                return None
+        else:
+            text = value.decode("ascii", "replace")
+        values = [v.strip(" \x00") for v in text.split("\\")]
+        if vr == "CS" and not all(_CS.match(v) for v in values):
+            return None
+        if vr in {"DS", "IS"}:
+            try:
+                numbers = [float(v) for v in values if v]
+            except ValueError:
+                return None
+            return raw if all(math.isfinite(n) for n in numbers) else None
+        if vr == "UI" and not all(is_uid(v) for v in values if v):
+            return None
+        if _mentions(text, self.tokens):
+            return DataElement(raw.tag, vr, "") if vr in _TEXT_VRS else None
+        return raw
 
     def checked(self, elem: DataElement) -> DataElement | None:
         """``keep``: the element when its value is valid for its VR and mentions no identifier."""
@@ -289,7 +371,7 @@ class _Rebuild:
         values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
         if vr in _BULK_VRS or vr == "SQ":
             return None  # only ``bulk``/``sequence`` rows may carry these
-        if vr in {"US", "SS", "UL", "SL", "FL", "FD", "AT", "UV", "SV"}:
+        if vr in _BINARY_VRS:
             return elem if len(values) <= 16 else None
         text = "\\".join(str(v) for v in values)
         if len(text.encode("utf-8", "replace")) > _MAX_VALUE_BYTES:
@@ -307,6 +389,28 @@ class _Rebuild:
         if _mentions(text, self.tokens):
             return DataElement(elem.tag, vr, "") if vr in _TEXT_VRS else None
         return elem
+
+
+def encode(ds: Dataset) -> bytes:
+    """The file bytes of a rebuilt dataset: zero preamble, ``DICM``, file meta, then each element.
+
+    Elements are written one by one with pydicom's element writer, so kept raw elements go out as
+    the bytes they were read as (pydicom's dataset writer would decode and re-encode each of them).
+    A deflated transfer syntax goes through pydicom's ``dcmwrite``.
+    """
+    syntax = pydicom.uid.UID(ds.file_meta.TransferSyntaxUID)
+    if syntax.is_deflated:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+    fp = DicomBytesIO()
+    fp.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+    fp.is_implicit_VR, fp.is_little_endian = syntax.is_implicit_VR, syntax.is_little_endian
+    encodings = ds._character_set
+    for tag in sorted(ds.keys()):
+        write_data_element(fp, ds.get_item(tag), encodings)
+    return fp.getvalue()
 
 
 def _shift_date(value: str, shift: dt.timedelta) -> str | None:

@@ -383,6 +383,7 @@ def _scan_dataset(data: bytes, record: FileRecord, ctx: _ScanContext, pseudo: de
     # everything else the record holds comes from the de-identified output: the record describes it
     record.sop_uid, record.series_uid, record.study_uid = (str(out.SOPInstanceUID), str(out.SeriesInstanceUID),
                                                            str(out.StudyInstanceUID))
+    encoded = deid.encode(out)  # before the record's reads below decode out's raw elements
     record.manufacturer = _text(out, "Manufacturer")
     record.model = _text(out, "ManufacturerModelName")
     record.modality = _text(out, "Modality") or "OT"
@@ -404,19 +405,13 @@ def _scan_dataset(data: bytes, record: FileRecord, ctx: _ScanContext, pseudo: de
     if "Rows" not in out or "Columns" not in out or "BitsAllocated" not in out:
         return _reject(record, CORRUPT, "Rows/Columns/BitsAllocated hold values of the wrong kind")
     record.output = _output_path(record)
-    _write_dataset(out, ctx.out_dir / record.output)
+    atomic_write_bytes(ctx.out_dir / record.output, encoded, durable=False)  # regenerable from the raw file
     return record
 
 
 def _output_path(record: FileRecord) -> str:
     # Content-addressed file name: identical inputs give one output, conflicting ones never collide.
     return f"dicom/{record.patient_key}/{record.study_uid}/{record.series_uid}/{record.content_hash[:20]}.dcm"
-
-
-def _write_dataset(ds: pydicom.Dataset, path: Path) -> None:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    atomic_write_bytes(path, buffer.getvalue(), durable=False)  # regenerable from the raw file
 
 
 def _read_input(relpath: str, ctx: _ScanContext) -> tuple[bytes | None, str]:
@@ -495,6 +490,7 @@ class RecordCache:
     def __init__(self, path: Path, secret: bytes):
         self.path = path
         self.records: dict[str, FileRecord] = {}
+        self._lines: dict[str, str] = {}  # content hash -> its JSON line (compact rewrites them as they are)
         self.header = self._load(secret)
         self.valid = self.header is not None
         if self.header is None:
@@ -521,6 +517,7 @@ class RecordCache:
             except (json.JSONDecodeError, TypeError):
                 continue  # a line cut by a kill
             self.records[rec.content_hash] = rec
+            self._lines[rec.content_hash] = line
         return header
 
     def append(self, record: FileRecord) -> None:
@@ -531,21 +528,61 @@ class RecordCache:
             if fresh:
                 self._fh.write(json.dumps(self.header) + "\n")
                 self.valid = True
-        self._fh.write(json.dumps(asdict(record)) + "\n")
+        line = json.dumps(asdict(record))
+        self._fh.write(line + "\n")
         self._fh.flush()
         self.records[record.content_hash] = record
+        self._lines[record.content_hash] = line
 
     def compact(self, keep: Iterable[str]) -> None:
         """Rewrite atomically with only the records of content still present in the input."""
         self.close()
         keep = set(keep)
-        lines = [json.dumps(self.header)] + [json.dumps(asdict(r)) for h, r in sorted(self.records.items()) if h in keep]
+        lines = [json.dumps(self.header)] + [self._lines[h] for h in sorted(self.records) if h in keep]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+STAT_INDEX_NAME = ".stat_index.json"
+
+
+class StatIndex:
+    """Local (never a DVC output, git-ignored) map of input file id → (size, mtime ns, inode, content id).
+
+    A rerun trusts the content id of a file whose stat signature is unchanged, as git and DVC do, so
+    an incremental run reads only new or changed files. Keys are keyed file ids, never paths. Ignored
+    when the record cache was discarded (another key or version).
+    """
+
+    def __init__(self, path: Path, usable: bool):
+        self.path, self.entries = path, {}
+        if usable and path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                self.entries = data if isinstance(data, dict) else {}
+            except (OSError, ValueError):
+                self.entries = {}
+
+    @staticmethod
+    def signature(path: Path) -> list[int]:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return []
+        return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+    def lookup(self, file_id: str, signature: list[int]) -> str | None:
+        entry = self.entries.get(file_id)
+        if signature and isinstance(entry, list) and len(entry) == 4 and entry[:3] == signature:
+            return entry[3]
+        return None
+
+    def save(self, entries: dict[str, list]) -> None:
+        atomic_write_text(self.path, json.dumps(entries, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -907,6 +944,7 @@ def walk_inputs(input_dir: Path, skip: Iterable[Path] = ()) -> list[tuple[str, s
     """
     root = Path(input_dir).resolve()
     skip_set = {Path(p).resolve() for p in skip}
+    skip_names = {p.name for p in skip_set}
     found: list[tuple[str, str]] = []
 
     def visit(folder: Path, prefix: str) -> None:
@@ -930,7 +968,7 @@ def walk_inputs(input_dir: Path, skip: Iterable[Path] = ()) -> list[tuple[str, s
                 if entry.is_symlink():
                     reason = _link_reason(path, root)
                 elif entry.is_file(follow_symlinks=False):
-                    if path.resolve() in skip_set:
+                    if entry.name in skip_names and path.resolve() in skip_set:
                         continue
                     reason = ""
                 else:
@@ -1024,11 +1062,18 @@ def run(
     ctx = _ScanContext(input_dir, out_dir, secret, params, frozenset(cache.records), demo=demo,
                        synthetic=synthetic if demo else frozenset())
 
-    # phase 1: scan (cached content is only hashed)
-    scanned: list[tuple[str, FileRecord]] = []
+    # phase 1: scan. A file whose stat signature is unchanged since the last run is not even read
+    # (its content id comes from the local stat index); other cached content is only hashed.
+    file_ids = {rel: pseudo.file_id(display_path(rel)) for rel, _ in entries}
+    index = StatIndex(out_dir / STAT_INDEX_NAME, cache.valid)
+    signatures = {rel: index.signature(input_dir / rel) for rel, reason in entries if not reason}
+    known = {rel: h for rel, sig in signatures.items()
+             if (h := index.lookup(file_ids[rel], sig)) is not None and h in cache.records}
+    results: dict[str, FileRecord] = {rel: cache.records[h] for rel, h in known.items()}
     n_new = 0
     try:
-        for relpath, record in map_ordered(_scan_file, entries, init=_init_worker, init_args=(ctx,), params=fanout,
+        todo = [entry for entry in entries if entry[0] not in known]
+        for relpath, record in map_ordered(_scan_file, todo, init=_init_worker, init_args=(ctx,), params=fanout,
                                            workers=params.workers, desc="ingest", on_crash=_scan_crashed):
             if record.reason == "__cached__":
                 record = cache.records[record.content_hash]
@@ -1036,9 +1081,12 @@ def run(
                 n_new += 1
                 if record.content_hash:  # a file that was not read has nothing to cache
                     cache.append(record)
-            scanned.append((relpath, record))
+            results[relpath] = record
     finally:
         cache.close()
+    scanned = [(rel, results[rel]) for rel, _ in entries]
+    index.save({file_ids[rel]: [*signatures[rel], results[rel].content_hash]
+                for rel in signatures if results[rel].content_hash and signatures[rel]})
 
     # phase 2: assemble units
     units, rejected = _assemble(scanned, labels, params, file_id=lambda rel: pseudo.file_id(display_path(rel)))

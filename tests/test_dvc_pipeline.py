@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,3 +109,13 @@ def test_raw_data_is_never_pushed(project):
     assert raw_md5 not in {name.removesuffix(".dir") for name in pushed}
     manifest_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"].endswith("manifest.parquet"))
     assert manifest_md5 in pushed, "de-identified outputs should be pushed"
+    # nothing pushed names an input file: paths of exports often hold patient names and MRNs
+    raw = project / "data/raw/synth"
+    relpaths = {p.relative_to(raw).as_posix() for p in raw.rglob("*") if p.is_file()}
+    folders = {part for rel in relpaths for part in rel.split("/")[:-1] if len(part) >= 6 and part != "DICOM"}
+    needles = sorted({rel for rel in relpaths if "/" in rel} | folders, key=len, reverse=True)
+    assert len(folders) >= 20, "the cohort's patient folders are what to look for"
+    pattern = re.compile("|".join(re.escape(n) for n in needles).encode())
+    leaks = {p.name: m.group().decode() for p in remote.rglob("*") if p.is_file()
+             for m in [pattern.search(p.read_bytes())] if m}
+    assert not leaks, f"input paths in pushed files: {dict(list(leaks.items())[:5])}"
