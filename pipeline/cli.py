@@ -194,11 +194,25 @@ def _out_dir(path: str | Path) -> Path:
 
 
 def _ingest_classes(params_file: Path) -> tuple[str, ...] | None:
-    """``train.classes`` for ingest's early label check: None for ``auto`` (any labels)."""
-    from pipeline import train
+    """``train.classes`` for ingest's early label check: None for ``auto`` (any labels).
 
-    params = load_section(train.TrainParams, params_file, "train")
-    return None if params.auto_classes else params.classes
+    Read from the params file as written when it is there: importing the train stage (torch) would
+    cost ingest ~2 s; the train stage validates the whole section itself.
+    """
+    from pipeline.params import read_params
+
+    section = read_params(params_file).get("train") or {}
+    value = section.get("classes") if isinstance(section, dict) else None
+    if value is None:
+        from pipeline import train
+
+        params = load_section(train.TrainParams, params_file, "train")
+        return None if params.auto_classes else params.classes
+    if value == "auto":
+        return None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ParamsError(f"{params_file}: train.classes: expected a list of class names or auto, got {value!r}")
+    return tuple(str(v) for v in value)
 
 
 def _overrides(pairs: list[str]) -> dict:

@@ -43,6 +43,7 @@ import io
 import logging
 import math
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -391,12 +392,17 @@ class _Rebuild:
         return elem
 
 
-def encode(ds: Dataset) -> bytes:
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+
+
+def encode(ds: Dataset, *, fast: bool = True) -> bytes:
     """The file bytes of a rebuilt dataset: zero preamble, ``DICM``, file meta, then each element.
 
-    Elements are written one by one with pydicom's element writer, so kept raw elements go out as
-    the bytes they were read as (pydicom's dataset writer would decode and re-encode each of them).
-    A deflated transfer syntax goes through pydicom's ``dcmwrite``.
+    Elements are written one by one, so kept raw elements go out as the bytes they were read as
+    (pydicom's dataset writer would decode and re-encode each of them). ``fast``: a raw little-endian
+    element of defined, even length gets its 8- or 12-byte header packed here, exactly as pydicom's
+    ``write_data_element`` writes it (tests compare the two); everything else goes through pydicom's
+    element writer. A deflated transfer syntax goes through pydicom's ``dcmwrite``.
     """
     syntax = pydicom.uid.UID(ds.file_meta.TransferSyntaxUID)
     if syntax.is_deflated:
@@ -406,11 +412,39 @@ def encode(ds: Dataset) -> bytes:
     fp = DicomBytesIO()
     fp.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
-    fp.is_implicit_VR, fp.is_little_endian = syntax.is_implicit_VR, syntax.is_little_endian
+    implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
     encodings = ds._character_set
+    chunks = []
     for tag in sorted(ds.keys()):
-        write_data_element(fp, ds.get_item(tag), encodings)
+        elem = ds.get_item(tag)
+        header = _raw_header(elem, implicit) if fast and little else None
+        if header is None:
+            if chunks:
+                fp.write(b"".join(chunks))
+                chunks = []
+            write_data_element(fp, elem, encodings)
+        else:
+            chunks += (header, elem.value)
+    fp.write(b"".join(chunks))
     return fp.getvalue()
+
+
+def _raw_header(elem, implicit: bool) -> bytes | None:
+    """Little-endian element header of a raw element of defined, even length; None: let pydicom write it."""
+    if not getattr(elem, "is_raw", False) or elem.length == 0xFFFFFFFF or not isinstance(elem.value, bytes):
+        return None
+    length, vr = len(elem.value), elem.VR
+    if length % 2 or (vr is None) != implicit or vr == "SQ":
+        return None
+    tag = struct.pack("<HH", elem.tag >> 16, elem.tag & 0xFFFF)
+    if implicit:
+        return tag + struct.pack("<I", length)
+    if vr in _LONG_VRS:
+        return tag + vr.encode("ascii") + b"\x00\x00" + struct.pack("<I", length)
+    if length > 0xFFFF:
+        return None
+    return tag + vr.encode("ascii") + struct.pack("<H", length)
 
 
 def _shift_date(value: str, shift: dt.timedelta) -> str | None:

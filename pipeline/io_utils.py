@@ -7,13 +7,10 @@ import hashlib
 import io
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
-# mkstemp creates files 0600; outputs get the permissions a plain open() would give them
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 #: names of the temporary files atomic_write_bytes leaves behind when a process is killed mid-write
 TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
 
@@ -28,17 +25,26 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    while True:  # O_EXCL with mode 0o666: the umask applies as for open(), no chmod needed (mkstemp gives 0600)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+        os.close(fd)
+        fd = -1
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
         raise
 
 
