@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from pipeline import lesions, metrics, models, train
-from pipeline.io_utils import atomic_write_text, csv_text
+from pipeline.io_utils import atomic_write_text, csv_text, remove_stale_temps
 from pipeline.params import check, param
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
         report: also build ``report.md``/``report.html`` with figures.
     """
     model_path, images_dir, out_dir = Path(model_path), Path(images_dir), Path(out_dir)
+    remove_stale_temps(out_dir)  # what a killed run left
     card_path = Path(card_path or model_path.parent / "model_card.json")
     live_dir = Path(live_dir or model_path.parent / "live")
     _, device = train.init_distributed(params.device)

@@ -48,7 +48,7 @@ from pydicom.pixels import apply_modality_lut
 
 from pipeline.errors import MedtlError
 from pipeline.fanout import FanoutParams, map_ordered
-from pipeline.io_utils import atomic_write_bytes, atomic_write_text, csv_text
+from pipeline.io_utils import atomic_write_bytes, atomic_write_text, csv_text, remove_stale_temps
 from pipeline.params import ParamsError, check, param
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def read_2d(path: Path) -> Image:
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of the file
-        raise PreprocessError(f"pixel data does not decode ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+        raise PreprocessError(f"pixel data does not decode ({type(exc).__name__})")  # the message may quote paths
     if arr.ndim == 3:  # colour: pydicom returns RGB (YBR converted); palette needs its LUT first
         if photometric == "PALETTE COLOR":
             arr = pydicom.pixels.apply_color_lut(arr, ds)
@@ -193,7 +193,7 @@ def read_volume(paths: list[Path], spacing_mm: tuple[float, float, float] | None
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise PreprocessError(f"series cannot be read as a volume ({' '.join(str(exc).split())[-200:]})")
+        raise PreprocessError("series cannot be read as a volume (SimpleITK could not read it)")  # its message names paths
     image = sitk.DICOMOrient(image, "LPS")
     if spacing_mm is not None:
         image = resample(image, spacing_mm)
@@ -476,7 +476,7 @@ def _one(row: dict) -> tuple[np.ndarray | None, str, dict]:
     except PreprocessError as exc:
         return None, str(exc), {}
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
-        return None, f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}", {}
+        return None, f"could not be preprocessed ({type(exc).__name__})", {}  # reasons never quote messages or paths
     try:
         # ground truth never decides whether an image is kept: a lesion that cannot be mapped is dropped alone
         lesions, unmapped = _lesions_of(row, image, ingest_dir, params), 0
@@ -552,6 +552,7 @@ def run(params: PreprocessParams, ingest_dir: Path, out_dir: Path,
         raise PreprocessInputError(f"{ingest_dir / 'manifest.parquet'}: no images to preprocess (every file was "
                                    f"rejected at ingest: see {ingest_dir / 'rejected.csv'})")
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # what a killed run left
     rows = manifest.to_dict("records")
     ground_truth = _read_lesions(ingest_dir / "lesions.parquet")
     for r in rows:

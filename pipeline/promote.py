@@ -288,6 +288,10 @@ def _store_version(registry: Path, sources: dict[str, Path], expected_sha256: st
     """Copy ``sources`` (name -> file) into the next ``versions/NNNN`` directory, durably. Returns (version, dir)."""
     versions = registry / "versions"
     versions.mkdir(parents=True, exist_ok=True)
+    for stale in versions.glob(".tmp-*"):  # staging of a killed promotion (the retrain flow runs one at a time)
+        pid = stale.name.split("-")[1] if stale.name.count("-") >= 2 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     staging = versions / f".tmp-{os.getpid()}-{uuid.uuid4().hex}"
     staging.mkdir()
     try:

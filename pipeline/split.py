@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import MedtlError
-from pipeline.io_utils import atomic_write_text
+from pipeline.io_utils import atomic_write_text, remove_stale_temps
 from pipeline.params import ParamsError, check, param
 
 log = logging.getLogger(__name__)
@@ -526,6 +526,7 @@ def run(params: SplitParams, index_path: Path, tensors_path: Path, out_dir: Path
     columns = list(CSV_COLUMNS) + (["fold"] if params.kfold >= 2 else [])
     table = result.assign(_row=result["row"]).sort_values(["image_id", "_row"], kind="mergesort")[columns]
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # what a killed run left
     atomic_write_text(out_dir / "splits.csv", table.to_csv(index=False))
     atomic_write_text(out_dir / "split_summary.json", json.dumps(asdict(summary), indent=2, sort_keys=True) + "\n")
 

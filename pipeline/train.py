@@ -53,7 +53,7 @@ from torch import nn
 
 from pipeline import models
 from pipeline.errors import MedtlError
-from pipeline.io_utils import atomic_write_bytes, atomic_write_text
+from pipeline.io_utils import atomic_write_bytes, atomic_write_text, remove_stale_temps
 from pipeline.params import ParamsError, check, param, section
 
 log = logging.getLogger(__name__)
@@ -647,6 +647,8 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
     out_dir, images_dir = Path(out_dir), Path(images_dir)
     checkpoint_dir = Path(checkpoint_dir or out_dir / "checkpoints")
     live_dir = Path(live_dir or out_dir / "live")
+    for folder in (out_dir, checkpoint_dir):
+        remove_stale_temps(folder)  # what a killed run left
     dist, device = init_distributed(params.device)
     if dist.world_size > 1 and params.class_balance == "sampler":
         raise ParamsError("train.class_balance: sampler is not supported under DDP (torchrun); use weights")

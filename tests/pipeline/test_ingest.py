@@ -547,3 +547,20 @@ def test_bad_lesions_file_names_the_file_and_problem(tmp_path, content, message)
     (tmp_path / "lesions.csv").write_text(content)
     with pytest.raises(ingest.LabelsError, match=message):
         ingest.read_lesions(tmp_path / "lesions.csv", deid.Pseudonymizer(TEST_KEY))
+
+
+def test_temporary_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _write_instance(raw / "a.dcm")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\na.dcm,normal\n")
+    out, quarantine = tmp_path / "out", tmp_path / "quarantine"
+    stale = [out / "dicom" / "P-X" / ".1.dcm.3fa9c2d1e0b4.tmp", out / ".manifest.parquet.k2j4l5.tmp",
+             quarantine / ".reasons.csv.zz9.tmp"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    ingest.run(ingest.IngestParams(workers=1), raw, labels, out, quarantine_dir=quarantine, key=TEST_KEY)
+    assert not any(p.exists() for p in stale)
+    assert not list(out.rglob("*.tmp")) and (out / "manifest.parquet").is_file()
