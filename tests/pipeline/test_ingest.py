@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import logging
 import re
 import shutil
@@ -564,3 +565,28 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
     ingest.run(ingest.IngestParams(workers=1), raw, labels, out, quarantine_dir=quarantine, key=TEST_KEY)
     assert not any(p.exists() for p in stale)
     assert not list(out.rglob("*.tmp")) and (out / "manifest.parquet").is_file()
+
+
+def _dies_on_marked_files(data, record, ctx, pseudo):  # module level: forked pool workers inherit the patch
+    if b"KILL-THIS-WORKER" in data:
+        os._exit(1)  # what an OOM kill or a decoder segfault looks like from the pool
+    return _REAL_SCAN_DATASET(data, record, ctx, pseudo)
+
+
+_REAL_SCAN_DATASET = ingest._scan_dataset
+
+
+def test_a_file_that_kills_its_worker_is_rejected_alone_and_the_run_goes_on(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(6):
+        _write_instance(raw / f"ok{i}.dcm")
+    _write_instance(raw / "killer.dcm", ImageComments="KILL-THIS-WORKER")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n" + "".join(f"{p.name},normal\n" for p in sorted(raw.iterdir())))
+    monkeypatch.setattr(ingest, "_scan_dataset", _dies_on_marked_files)
+    summary = ingest.run(ingest.IngestParams(workers=2), raw, labels, tmp_path / "out", key=TEST_KEY)
+    reasons = _rejected(tmp_path / "out", raw)
+    assert summary.ingested == 6 and summary.files_seen == 7
+    assert list(reasons) == ["killer.dcm"] and reasons["killer.dcm"].startswith("worker_died: worker process died")
+    assert summary.rejected == {"worker_died": 1}
