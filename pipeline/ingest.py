@@ -1093,11 +1093,12 @@ def run(
 
     # phase 3: outputs
     wanted = {r.output: p for u in units for p, r in u.files}
-    missing = [(p, out) for out, p in sorted(wanted.items()) if not (out_dir / out).exists()]
+    existing = _existing_outputs(out_dir)
+    missing = [(p, out) for out, p in sorted(wanted.items()) if out not in existing]
     for _ in map_ordered(_rewrite_output, missing, init=_init_worker, init_args=(ctx,), params=fanout,
                          workers=params.workers, desc="rewrite"):
         pass
-    _remove_unwanted(out_dir / "dicom", out_dir, set(wanted))
+    _remove_unwanted(out_dir, existing, set(wanted))
     cache.compact(r.content_hash for _, r in scanned)
 
     manifest = _manifest(units)
@@ -1155,14 +1156,22 @@ def run(
     return summary
 
 
-def _remove_unwanted(root: Path, out_dir: Path, wanted: set[str]) -> None:
-    if not root.exists():
-        return
-    for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file() and path.relative_to(out_dir).as_posix() not in wanted:
-            path.unlink()
-        elif path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+def _existing_outputs(out_dir: Path) -> set[str]:
+    """De-identified files under ``out_dir/dicom`` (paths relative to ``out_dir``)."""
+    found = set()
+    for folder, _dirs, names in os.walk(out_dir / "dicom"):
+        prefix = Path(folder).relative_to(out_dir).as_posix()
+        found.update(f"{prefix}/{name}" for name in names)
+    return found
+
+
+def _remove_unwanted(out_dir: Path, existing: set[str], wanted: set[str]) -> None:
+    """Delete outputs no longer wanted, then the directories that leaves empty."""
+    for rel in existing - wanted:
+        (out_dir / rel).unlink(missing_ok=True)
+    for folder, _dirs, names in os.walk(out_dir / "dicom", topdown=False):
+        if not names and not any(os.scandir(folder)):  # its subdirectories may just have gone
+            Path(folder).rmdir()
 
 
 def _quarantine(input_dir: Path, quarantine_dir: Path, rejected_rows: list[tuple[str, str]],
