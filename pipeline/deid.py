@@ -133,7 +133,7 @@ def _normalise(text: str) -> str:
 
 
 def identifiers(ds: Dataset) -> frozenset[str]:
-    """Identifier strings of a source header (lower case, ``^``/``=`` as spaces; 3 characters or more).
+    """Identifier strings of a source header (lower case, ``^``/``=`` as spaces; see :func:`_is_token`).
 
     The values of :data:`IDENTIFIER_KEYWORDS` and of every top-level PN element, whole and (names)
     by component. Used only in memory, to blank a kept value that repeats one of them.
@@ -157,10 +157,13 @@ def identifiers(ds: Dataset) -> frozenset[str]:
                 value = value.decode("latin-1")
         for item in value.split("\\") if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value]):
             text = _normalise(str(item))
-            if len(text) >= 3:
-                tokens.add(text)
-            tokens.update(part for part in text.split() if len(part) >= 3)
+            tokens.update(t for t in (text, *text.split()) if _is_token(t))
     return frozenset(tokens)
+
+
+def _is_token(text: str) -> bool:
+    """Long enough to look for: 3 characters, or 2 outside ASCII (CJK names are 1–2 characters a part)."""
+    return len(text) >= 3 or (len(text) == 2 and not text.isascii())
 
 
 def _encodings(ds: Dataset) -> list[str]:

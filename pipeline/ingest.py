@@ -418,14 +418,18 @@ def _read_input(relpath: str, ctx: _ScanContext) -> tuple[bytes | None, str]:
     """The bytes of an input file, or (None, reason) when it is too large or cannot be read."""
     path = ctx.input_dir / relpath
     try:
-        size = os.stat(path).st_size
-        if size > ctx.params.max_file_mb * MB:
-            return None, f"{TOO_LARGE}: file of {size / MB:.0f} MB, above ingest.max_file_mb ({ctx.params.max_file_mb:g})"
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # links were vetted by the walk
         with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # replaced by something else since the walk
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):  # replaced by something else since the walk
                 return None, f"{SPECIAL_FILE}: not a regular file"
-            return fh.read(int(ctx.params.max_file_mb * MB) + 1), ""
+            if info.st_size > ctx.params.max_file_mb * MB:
+                return None, f"{TOO_LARGE}: file of {info.st_size / MB:.0f} MB, above ingest.max_file_mb " \
+                             f"({ctx.params.max_file_mb:g})"
+            data = fh.read(info.st_size + 1)  # read(n) allocates n bytes up front: ask for what is there
+            if len(data) > ctx.params.max_file_mb * MB:  # grew since fstat
+                return None, f"{TOO_LARGE}: file above ingest.max_file_mb ({ctx.params.max_file_mb:g})"
+            return data, ""
     except PermissionError:
         return None, f"{UNREADABLE}: permission denied"
     except OSError as exc:
@@ -1170,8 +1174,13 @@ def _remove_unwanted(out_dir: Path, existing: set[str], wanted: set[str]) -> Non
     for rel in existing - wanted:
         (out_dir / rel).unlink(missing_ok=True)
     for folder, _dirs, names in os.walk(out_dir / "dicom", topdown=False):
-        if not names and not any(os.scandir(folder)):  # its subdirectories may just have gone
+        if not names and not _has_entries(folder):  # its subdirectories may just have gone
             Path(folder).rmdir()
+
+
+def _has_entries(folder: str) -> bool:
+    with os.scandir(folder) as it:
+        return any(True for _ in it)
 
 
 def _quarantine(input_dir: Path, quarantine_dir: Path, rejected_rows: list[tuple[str, str]],
