@@ -35,6 +35,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 #: encodings a planted non-ASCII string is looked for in (raw bytes)
 ENCODINGS = ("utf-8", "latin-1", "cp1252", "iso2022_jp", "shift_jis", "euc_jp", "gb18030", "utf-16-le", "iso8859_5",
              "iso8859_7")
@@ -103,59 +105,117 @@ def _report(value: str, form: str) -> str:
     return value if form.casefold() == value.casefold() else f"{value} (as {form!r})"
 
 
+_LEVELS = (8, 4, 2)  # window lengths of the keys: a needle is keyed by the longest that fits it
+_PRIME = np.uint64(1099511628211)
+
+
+def _keys(units: np.ndarray, n: int) -> np.ndarray:
+    """Hashes of every ``n``-unit window (bytes or code points) of ``units``, in order."""
+    if len(units) < n:
+        return np.empty(0, dtype=np.uint64)
+    units = units.astype(np.uint64)
+    width = len(units) - n + 1
+    key = np.zeros(width, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(n):
+            key = key * _PRIME + units[i:i + width] + np.uint64(1)
+    return key
+
+
+def _byte_units(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.uint8)
+
+
+def _text_units(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+class _Index:
+    """Needles by a hash of their last 8 (or 4, or 2) units: a blob is searched only for the needles
+    whose key occurs among its windows (a few vectorised passes instead of one search per needle)."""
+
+    def __init__(self, units) -> None:
+        self.units = units
+        self.by_key: dict[int, dict[int, list[tuple[str, object, str]]]] = {n: {} for n in _LEVELS}
+
+    def add(self, value: str, needle, form: str) -> None:
+        n = next((n for n in _LEVELS if len(needle) >= n), None)
+        if n is not None:
+            key = int(_keys(self.units(needle[-n:]), n)[0])
+            self.by_key[n].setdefault(key, []).append((value, needle, form))
+
+    def freeze(self) -> None:
+        self.keys = {n: np.array(sorted(keys), dtype=np.uint64) for n, keys in self.by_key.items() if keys}
+
+    def search(self, haystack, found: dict[str, str]) -> None:
+        units = self.units(haystack)
+        for n, keys in self.keys.items():
+            windows = _keys(units, n)
+            if not len(windows):
+                continue
+            at = np.minimum(np.searchsorted(keys, windows), len(keys) - 1)
+            present = np.unique(windows[keys[at] == windows])
+            for key in present.tolist():
+                for value, needle, form in self.by_key[n][key]:
+                    if value not in found and needle in haystack:
+                        found[value] = form
+
+
 @dataclass
 class Needles:
     """Precomputed needles for a set of planted strings (built once, searched in many blobs).
 
     A hit is reported as the planted string, with the variant that matched when it is not the
-    string itself: ``"Yamada^Tarou=山田^太郎=やまだ^たろう (as '山田')"``.
+    string itself: ``"Yamada^Tarou=山田^太郎=やまだ^たろう (as '山田')"``. All-digit strings (dates,
+    numeric IDs) match only as whole numbers, not inside a longer digit run such as a UID.
     """
 
     phi: set[str]
-    raw: dict[str, dict[bytes, str]] = field(default_factory=dict)  # planted string -> needle -> text form
-    text: dict[str, dict[str, str]] = field(default_factory=dict)  # planted string -> casefolded form -> form
-    digits: set[str] = field(default_factory=set)  # all-digit strings: matched as whole numbers only
+    digits: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, phi: Iterable[str]) -> Needles:
         phi = {p.strip() for p in phi if p and _long_enough(p)}
         needles = cls(phi=phi)
-        for value in phi:
+        needles._folded = _Index(_byte_units)  # ASCII needles, lower-cased: searched in the lower-cased blob
+        needles._exact = _Index(_byte_units)  # the other encodings, as they are
+        needles._text = _Index(_text_units)  # casefolded text forms, in casefolded text
+        for value in sorted(phi):
             if value.isdigit():
                 needles.digits.add(value)
                 continue
-            needles.raw[value] = variants(value)
+            for needle, form in variants(value).items():
+                if needle.isascii():
+                    needles._folded.add(value, needle.lower(), form)
+                else:
+                    needles._exact.add(value, needle, form)
             forms = text_variants(value)
             table = {f.casefold(): f for f in forms}
             table.update({_fold(f).casefold(): f for f in forms if _fold(f) and _long_enough(_fold(f))})
-            needles.text[value] = table
+            for folded, form in table.items():
+                needles._text.add(value, folded, form)
+        for index in (needles._folded, needles._exact, needles._text):
+            index.freeze()
         return needles
 
     def in_bytes(self, blob: bytes) -> set[str]:
-        found = set()
-        lower = blob.lower()  # ASCII case folding only; other cases are separate needles
-        for value, needles in self.raw.items():
-            for needle, form in needles.items():
-                if needle in blob or needle.lower() in lower:
-                    found.add(_report(value, form))
-                    break
+        found: dict[str, str] = {}
+        self._folded.search(blob.lower(), found)  # ASCII case folding only; other cases are separate needles
+        self._exact.search(blob, found)
+        hits = {_report(value, form) for value, form in found.items()}
         for value in self.digits:
             if value.encode() in blob and re.search(rb"(?<![0-9])" + re.escape(value.encode()) + rb"(?![0-9])", blob):
-                found.add(value)
-        return found
+                hits.add(value)
+        return hits
 
     def in_text(self, text: str) -> set[str]:
-        folded = text.casefold()
-        found = set()
-        for value, table in self.text.items():
-            for needle, form in table.items():
-                if needle in folded:
-                    found.add(_report(value, form))
-                    break
+        found: dict[str, str] = {}
+        self._text.search(text.casefold(), found)
+        hits = {_report(value, form) for value, form in found.items()}
         for value in self.digits:
             if value in text and re.search(r"(?<![0-9])" + re.escape(value) + r"(?![0-9])", text):
-                found.add(value)
-        return found
+                hits.add(value)
+        return hits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,8 +306,11 @@ def _parquet_text(path: Path) -> str:
 
 def scan_blob(blob: bytes, needles: Needles, paths: set[str] = frozenset(), *, name: str = "") -> set[str]:
     """Planted strings (and ``path:<p>`` for input paths) found in one file's bytes and its text forms."""
+    # raw bytes: every needle encoding (UTF-8, Latin-1, ISO 2022 JP, ... in several cases) covers the
+    # text of the file in those encodings; DICOM values are also decoded by pydicom with the file's own
+    # character set and searched as text (casefolded), which catches an encoding the list lacks
     found = needles.in_bytes(blob)
-    texts = [blob.decode("utf-8", "ignore"), blob.decode("latin-1")]
+    texts = []
     if name.endswith(".dcm") or blob[128:132] == b"DICM":
         texts.append(_dicom_values(blob))
     for text in texts:

@@ -196,6 +196,43 @@ def test_the_corpus_plants_what_it_claims(corpus):
     assert len(corpus.phi) > 150
 
 
+def _found(leaks: dict[str, list[str]]) -> set[str]:
+    return {hit.split(" (as ")[0] for hits in leaks.values() for hit in hits}
+
+
+def test_the_scanner_finds_what_was_planted(corpus, tmp_path):
+    """Positive control: the raw corpus (copied under neutral names) is full of what the scan looks for."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for k, rel in enumerate(corpus.relpaths):
+        source = os.fsencode(corpus.root) + b"/" + os.fsencode(rel)
+        if rel in corpus.huge or os.path.islink(source) or not os.path.isfile(source):
+            continue
+        shutil.copyfile(source, copy / f"{k:03d}.bin")
+    found = _found(scan_outputs(copy, corpus.phi))
+    missing = sorted(set(hostile.MARKERS) - {"PHIOUTSIDE"} - found)
+    assert not missing, f"the scanner misses planted markers: {missing}"
+    for ident in (hostile.PATIENT_A, hostile.PATIENT_LATIN1, hostile.PATIENT_UTF8, hostile.PATIENT_JP):
+        assert ident.patient_name in found and ident.patient_id in found
+    assert {"山田", "やまだ", "Иванова", "MÜLLER", "2021-03-04", "19xx0101"} <= found
+    # the forms outputs may take: JSON escapes, parquet cells, path names, logs; digits only as whole numbers
+    forms = tmp_path / "forms"
+    (forms / "MUSTERMANN_MAXIMILIAN_MRN8842137").mkdir(parents=True)
+    (forms / "a.json").write_text(json.dumps({"who": "MÜLLER JÜRGEN"}))  # ensure_ascii: "M\u00dcLLER"
+    pd.DataFrame({"m": ["Yamada Tarou"] * 100}).to_parquet(forms / "t.parquet")
+    (forms / "uid.txt").write_text("2.25.196104171 and 2.25.8842137000")
+    leaks = scan_outputs(forms, {"MÜLLER^JÜRGEN", "Yamada^Tarou=山田^太郎", "19610417", "MUSTERMANN", "MRN8842137"},
+                         input_paths=["PESEL7712019_KOWALSKI/ct/slice_00.dcm"], input_root=Path("/data/export"),
+                         log_text="read /data/export/PESEL7712019_KOWALSKI/ct: done")
+    assert "MÜLLER^JÜRGEN" in _found({k: v for k, v in leaks.items() if k == "file:a.json"})
+    assert "Yamada^Tarou=山田^太郎" in _found({k: v for k, v in leaks.items() if k.startswith("parquet:")})
+    assert "MUSTERMANN" in _found({k: v for k, v in leaks.items() if k.startswith("name:")})
+    assert "path:PESEL7712019_KOWALSKI" in leaks["log"]
+    assert "file:uid.txt" not in leaks, "a digit run inside a UID is not a date"
+    assert not scan_text("read <input root> /data/export: 3 files", {"MUSTERMANN"},
+                         input_paths=["PESEL7712019_KOWALSKI/ct/slice_00.dcm"], input_root=Path("/data/export"))
+
+
 def test_ingest_params_have_size_limits():
     params = ingest.IngestParams()
     assert params.max_file_mb == 1024 and params.max_pixel_mb == 1024

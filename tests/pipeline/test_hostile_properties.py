@@ -445,7 +445,7 @@ def _check_ingest(specs: list[FileSpec], tmp: Path) -> None:
         relpaths = []
         for i, spec in enumerate(specs):
             data, planted, study = build(spec, seed=i)
-            rel = f"{_folder(spec.identity)}/f{i}.dcm"
+            rel = f"{_folder(spec.identity)}/scan_{i}.dcm"  # no hex tail: outputs are named by content hash
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
             phi |= planted
