@@ -37,7 +37,6 @@ import base64
 import csv
 import datetime as dt
 import functools
-import hashlib
 import hmac
 import io
 import logging
@@ -194,11 +193,11 @@ class Pseudonymizer:
 
     def token(self, kind: str, value: str) -> str:
         """HMAC-SHA256 of ``value`` in namespace ``kind``, hex (irreversible without the key)."""
-        return hmac.new(self.key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self.key, f"{kind}\x00{value}".encode(), "sha256").hex()
 
     def patient_key(self, patient_id: str, issuer: str = "") -> str:
         """Pseudonymous patient key, e.g. ``P-5KQ2M7XJ3LRA``: same patient → same key, for this key."""
-        digest = hmac.new(self.key, f"patient\x00{issuer}\x00{patient_id}".encode(), hashlib.sha256).digest()
+        digest = hmac.digest(self.key, f"patient\x00{issuer}\x00{patient_id}".encode(), "sha256")
         return "P-" + base64.b32encode(digest[:10]).decode()[:12]
 
     def site_key(self, institution: str, manufacturer: str = "") -> str:
@@ -211,12 +210,12 @@ class Pseudonymizer:
 
     def uid(self, uid: str) -> str:
         """The remapped UID: ``2.25.`` and 128 bits of an HMAC of the original (at most 44 characters)."""
-        digest = hmac.new(self.key, f"uid\x00{uid}".encode(), hashlib.sha256).digest()
+        digest = hmac.digest(self.key, f"uid\x00{uid}".encode(), "sha256")
         return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
     def date_shift(self, patient_key: str) -> dt.timedelta:
         """The patient's date offset: 365 to 4014 days back, one per patient and key."""
-        digest = hmac.new(self.key, f"date-shift\x00{patient_key}".encode(), hashlib.sha256).digest()
+        digest = hmac.digest(self.key, f"date-shift\x00{patient_key}".encode(), "sha256")
         return dt.timedelta(days=365 + int.from_bytes(digest[:4], "big") % 3650)
 
     def deidentify(self, ds: Dataset, patient_key: str) -> Dataset:

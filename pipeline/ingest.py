@@ -32,6 +32,7 @@ single-frame slices — with ``paths`` (relative to OUT) ordered by slice positi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import hashlib
 import io
@@ -43,6 +44,7 @@ import stat
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -515,11 +517,21 @@ class RecordCache:
                 or header.get("deid_version") != deid.DEID_VERSION \
                 or not keys.key_matches(secret, header.get("salt"), header.get("key_check")):
             return None
-        for line in lines[1:]:
-            try:
-                rec = FileRecord(**json.loads(line))
-            except (json.JSONDecodeError, TypeError):
-                continue  # a line cut by a kill
+        try:  # all lines at once (one C loop); a line cut by a kill makes it fall back to line by line
+            values = json.loads("[" + ",".join(lines[1:]) + "]")
+        except json.JSONDecodeError:
+            values = []
+            for line in lines[1:]:
+                try:
+                    values.append(json.loads(line))
+                except json.JSONDecodeError:
+                    values.append(None)
+        fields = frozenset(f.name for f in dataclasses.fields(FileRecord))
+        for line, value in zip(lines[1:], values):
+            if not isinstance(value, dict) or value.keys() != fields:
+                continue
+            rec = object.__new__(FileRecord)  # the fields are all there (checked): skip __init__'s defaults
+            rec.__dict__.update(value)
             self.records[rec.content_hash] = rec
             self._lines[rec.content_hash] = line
         return header
@@ -532,7 +544,7 @@ class RecordCache:
             if fresh:
                 self._fh.write(json.dumps(self.header) + "\n")
                 self.valid = True
-        line = json.dumps(asdict(record))
+        line = json.dumps(record.__dict__)  # the fields, as asdict would give them (no nested dataclasses)
         self._fh.write(line + "\n")
         self._fh.flush()
         self.records[record.content_hash] = record
@@ -1057,20 +1069,23 @@ def run(
     if stale:
         log.info("removed %d temporary files an interrupted run left", stale)
 
-    cache = RecordCache(out_dir / "cache" / "records.jsonl", secret)
+    # the cache's key check is a slow KDF (scrypt releases the GIL): load it while the input is walked
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(RecordCache, out_dir / "cache" / "records.jsonl", secret)
+        entries = walk_inputs(input_dir, skip=[labels_csv, *([lesions_csv] if lesions_csv is not None else [])])
+        file_ids = {rel: pseudo.file_id(display_path(rel)) for rel, _ in entries}
+        signatures = {rel: StatIndex.signature(input_dir / rel) for rel, reason in entries if not reason}
+        cache = loading.result()
     if not cache.valid:
         if (out_dir / "dicom").exists():
             log.warning("ingest cache was made with another key or version (or is missing): starting from scratch")
         shutil.rmtree(out_dir / "dicom", ignore_errors=True)
-    entries = walk_inputs(input_dir, skip=[labels_csv, *([lesions_csv] if lesions_csv is not None else [])])
     ctx = _ScanContext(input_dir, out_dir, secret, params, frozenset(cache.records), demo=demo,
                        synthetic=synthetic if demo else frozenset())
 
     # phase 1: scan. A file whose stat signature is unchanged since the last run is not even read
     # (its content id comes from the local stat index); other cached content is only hashed.
-    file_ids = {rel: pseudo.file_id(display_path(rel)) for rel, _ in entries}
     index = StatIndex(out_dir / STAT_INDEX_NAME, cache.valid)
-    signatures = {rel: index.signature(input_dir / rel) for rel, reason in entries if not reason}
     known = {rel: h for rel, sig in signatures.items()
              if (h := index.lookup(file_ids[rel], sig)) is not None and h in cache.records}
     results: dict[str, FileRecord] = {rel: cache.records[h] for rel, h in known.items()}
