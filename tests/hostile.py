@@ -45,6 +45,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ from tests.phi_scan import walk_elements
 
 INGESTED = "ingested"
 REJECTED = "rejected"  # any rejection category
+ANY = "any"  # ingested or rejected, whichever: only that it is accounted for and leaks nothing
 GB = 1024**3
 
 #: even-group tags that pydicom's dictionary does not know (checked by the tests)
@@ -266,6 +268,9 @@ PATIENT_DUP = Identity(patient_name="DOPPELGAENGER^ERWIN", patient_id="DUP-12093
 PATIENT_NAMES = Identity(patient_name="SONDERZEICHEN^FRIEDA", patient_id="ODD-60214", accession="ACC6021488")
 PATIENT_JUNK = Identity(patient_name="OHNEKENNUNG^BRUNHILDE", patient_id="JNK-30381", accession="ACC3038199")
 PATIENT_OUTSIDE = Identity(patient_name="GEHEIMNISVOLL^AUSSERHALB", patient_id="OUT-77123", accession="ACC7712300")
+PATIENT_LIAR = Identity(patient_name="Ødegårdsen^Åsmund", patient_id="LIE-31337", accession="ACC3133702",
+                        institution="Sykehuset Ørnebu")
+PATIENT_DEEP = Identity(patient_name="TIEFGANG^SIEGLINDE", patient_id="DEEP-4000", accession="ACC4000400")
 PATIENT_BOMB = Identity(patient_name="SPRENGSATZ^BERTHOLD", patient_id="BMB-40404", accession="ACC4040401")
 
 #: per-location marker words: a leak report names the place that leaked
@@ -276,7 +281,7 @@ MARKERS = (
     "PHIACQCONTEXT", "PHIREQPROCID", "PHISCHEDSTEP", "PHIOTHERSEQID", "PHIPRIVSEQ", "PHIUNKNOWNSEQ",
     "PHIPRIVTOP", "PHIPRIVUN", "PHIPRIVSQ", "PHIUNKNOWNLO", "PHIUNKNOWNUN", "PHIUNKNOWNGRP", "PHISTUDYCOMMENT",
     "PHIOVERLAY", "PHIOVLDESC", "PHIPRIVCREATOR", "PHIOUTSIDE", "PHINOTES", "PHICONTENTCREATOR",
-    "PHISTUDYID", "PHIREQPHYS",
+    "PHISTUDYID", "PHIREQPHYS", "PHIICON", "PHIENCAPDOC", "PHICONTENTSEQ", "PHIDEEPNEST",
 )
 #: UIDs planted where a de-identifier must drop or remap them
 PLANTED_UIDS = ("1.2.999.8842137.1", "1.2.999.8842137.5", "1.2.999.8842137.9")
@@ -409,6 +414,16 @@ def _phi_everywhere(ident: Identity, study: str, seed: int) -> tuple[Dataset, by
     ds.WindowCenterWidthExplanation = "HAUSARZT preset"  # the referring physician
     ds.ReferencedImageSequence = Sequence([item(ReferencedSOPClassUID=ds.SOPClassUID,
                                                 ReferencedSOPInstanceUID=PLANTED_UIDS[2])])
+    # a thumbnail (its pixels may show the name), an embedded document, SR-style content with a name
+    icon = item(Rows=4, Columns=8, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2", BitsAllocated=8,
+                BitsStored=8, HighBit=7, PixelRepresentation=0)
+    icon.PixelData = b"PHIICON MUSTERMANN MRN8842137 ..."[:32]
+    ds.IconImageSequence = Sequence([icon])
+    ds.EncapsulatedDocument = b"%PDF-1.4 PHIENCAPDOC Befund MUSTERMANN^MAXIMILIAN MRN8842137\n"
+    ds.ContentSequence = Sequence([item(RelationshipType="CONTAINS", ValueType="PNAME",
+                                        PersonName="PHICONTENTSEQ^MUSTERMANN"),
+                                   item(RelationshipType="CONTAINS", ValueType="TEXT",
+                                        TextValue="PHICONTENTSEQ seen by HAUSARZT")])
     ds.DataSetTrailingPadding = b"PHITRAILPAD MUSTERMANN^MAXIMILIAN MRN8842137 "
     preamble = b"PHIPREAMBLE MUSTERMANN^MAXIMILIAN MRN8842137 19610417 Klinikum Kleinwaldstadt"
     return ds, dataset_bytes(ds, preamble=preamble)
@@ -424,6 +439,8 @@ CASES = {
     "charset_utf8": "ISO_IR 192 Cyrillic and Greek names, a name in ManufacturerModelName",
     "charset_iso2022": "ISO 2022 IR 87 Japanese PN with ideographic and phonetic groups, 山田 in Manufacturer",
     "bad_dates": "StudyDate 2021-03-04, SeriesDate 20211399, AcquisitionDate 2021.03.05, birth date 19xx0101",
+    "charset_lies": "SpecificCharacterSet ISO_IR 100 over UTF-8 bytes, a name part in Manufacturer",
+    "deep_nesting": "VOILUTSequence nested 400 deep with identifiers in every item (must not crash the run)",
     "legacy": "no preamble, no file meta (implicit VR): ingested with a proper zero preamble",
     "huge_sparse": "a 2 GB sparse file (too_large before any read)",
     "rle_bomb": "4 KB of RLE claiming 65535 x 65535 x 16 bits (too_large before any decode)",
@@ -459,7 +476,8 @@ def _write_corpus(root: Path, outside: Path | None, labels_csv: Path | None, big
     root.mkdir(parents=True, exist_ok=True)
     outside = Path(outside) if outside is not None else root.parent / "outside"
     outside.mkdir(parents=True, exist_ok=True)
-    planted = Planted(root=root, outside=outside, labels_csv=Path(labels_csv) if labels_csv else root.parent / "labels.csv")
+    labels_csv = Path(labels_csv) if labels_csv else root.parent / "labels.csv"
+    planted = Planted(root=root, outside=outside, labels_csv=labels_csv)
     planted.phi |= set(MARKERS) | set(PLANTED_UIDS)
 
     # -- patient A: PHI everywhere, and a clean second study ------------------------------------
@@ -521,6 +539,37 @@ def _write_corpus(root: Path, outside: Path | None, labels_csv: Path | None, big
     ds.StudyDate = "20160606"
     save(ds, root / "charsets" / "山田_太郎.dcm")
     planted.plant("charsets/山田_太郎.dcm", INGESTED, CASES["charset_iso2022"], ds, phi=PATIENT_JP.phi())
+
+    # a character set that lies: declared ISO_IR 100, the bytes are UTF-8
+    ds = base_instance("DX", seed=23)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    PATIENT_LIAR.apply(ds)
+    ds.Manufacturer = "Ødegårdsen Medical"
+    ds.StudyDate = "20150505"
+    data = dataset_bytes(ds)
+    declared = b"CS\x0a\x00ISO_IR 192"
+    assert declared in data
+    data = data.replace(declared, b"CS\x0a\x00ISO_IR 100", 1)
+    save(ds, root / "charsets" / "declared_latin1_is_utf8.dcm", data=data)
+    planted.plant("charsets/declared_latin1_is_utf8.dcm", INGESTED, CASES["charset_lies"], ds,
+                  phi=PATIENT_LIAR.phi() | {"Ødegårdsen"})
+
+    # -- sequences nested 400 deep (a recursion bomb for a recursive reader or rebuild) ------------
+    ds = base_instance("DX", seed=24)
+    PATIENT_DEEP.apply(ds)
+    inner = item(LUTDescriptor=[4, 0, 16], LUTExplanation="PHIDEEPNEST TIEFGANG")
+    for _ in range(400):
+        inner = item(LUTDescriptor=[4, 0, 16], LUTExplanation="PHIDEEPNEST SIEGLINDE",
+                     VOILUTSequence=Sequence([inner]))
+    ds.VOILUTSequence = Sequence([inner])
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20000))
+    try:
+        save(ds, root / "nesting" / "deep_sequences.dcm")
+    finally:
+        sys.setrecursionlimit(limit)
+    ds.VOILUTSequence = Sequence()  # the planted dataset itself stays shallow (tests walk it)
+    planted.plant("nesting/deep_sequences.dcm", ANY, CASES["deep_nesting"], ds, phi=PATIENT_DEEP.phi())
 
     # -- malformed dates ---------------------------------------------------------------------------
     ds = base_instance("DX", seed=30)

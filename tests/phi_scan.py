@@ -397,6 +397,38 @@ def scan_outputs(out_dir: Path, phi: Iterable[str], *, input_paths: Iterable[str
     return leaks
 
 
+def locate(path: Path, phi: Iterable[str]) -> list[str]:
+    """The elements of a DICOM file whose bytes hold planted strings: ``Keyword VR depth: found``."""
+    from pydicom.datadict import keyword_for_tag
+
+    data = Path(path).read_bytes()
+    needles = Needles.of(phi)
+    try:
+        elements, end = walk_elements(data)
+    except ValueError as exc:
+        return [f"(raw layout: {exc})"]
+    out = []
+    for e in elements:
+        if e.tag >> 16 == 0xFFFE or e.vr == "SQ" or (e.length == _UNDEFINED and e.tag != 0x7FE00010):
+            continue  # items and sequences: their elements are listed themselves
+        found = needles.in_bytes(data[e.value_start:e.end])
+        if found:
+            name = keyword_for_tag(e.tag) or f"({e.tag >> 16:04X},{e.tag & 0xFFFF:04X})"
+            out.append(f"{name} {e.vr or '--'} depth {e.depth}: {sorted(found)[:3]}")
+    if data[:128].strip(b"\x00") and needles.in_bytes(data[:128]):
+        out.append("preamble")
+    if end < len(data) and needles.in_bytes(data[end:]):
+        out.append("after the dataset")
+    return out
+
+
+def locate_leaks(out_dir: Path, leaks: dict[str, list[str]], phi: Iterable[str]) -> dict[str, list[str]]:
+    """For the DICOM files among ``leaks`` (a :func:`scan_outputs` result), where in them (see :func:`locate`)."""
+    phi = set(phi)
+    return {loc: locate(Path(out_dir) / loc[len("file:"):], phi) for loc in leaks
+            if loc.startswith("file:") and loc.endswith(".dcm")}
+
+
 def scan_text(text: str, phi: Iterable[str], *, input_paths: Iterable[str | bytes] = (),
               input_root: Path | None = None) -> list[str]:
     """Planted strings and ``path:<p>`` input paths found in one text (a log, a reason column)."""
@@ -674,8 +706,8 @@ def dicom_problems(path: Path, keep: Iterable[str] | None = None) -> list[str]:
                     problems.append(f"{name} is not on the keep-list")
             if str(ds.get("PatientIdentityRemoved", "")) != "YES":
                 problems.append("PatientIdentityRemoved is not YES")
-            if not ds.get("DeidentificationMethod") and not ds.get("DeidentificationMethodCodeSequence"):
-                problems.append("no DeidentificationMethod(CodeSequence)")
+            if not ds.get("DeidentificationMethod") or not ds.get("DeidentificationMethodCodeSequence"):
+                problems.append("DeidentificationMethod or DeidentificationMethodCodeSequence missing")
     except Exception as exc:  # noqa: BLE001 - an unreadable output is a problem to report
         problems.append(f"pydicom cannot read it ({type(exc).__name__})")
     return problems

@@ -46,13 +46,14 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossl
 from pipeline import deid, ingest
 from tests import hostile
 from tests.conftest import TEST_KEY
-from tests.phi_scan import Needles, capture_logs, dicom_problems, scan_outputs, walk_elements
+from tests.phi_scan import Needles, capture_logs, dicom_problems, locate_leaks, scan_outputs, walk_elements
 
 #: MEDTL_HOSTILE_EXAMPLES=500 for a longer (random, not derandomized) local run
 _EXAMPLES = int(os.environ.get("MEDTL_HOSTILE_EXAMPLES", "0") or 0)
 #: no shrinking by default: a failing example is reported as generated (shrinking one can take minutes);
 #: MEDTL_HOSTILE_SHRINK=1 shrinks it
-_PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if os.environ.get("MEDTL_HOSTILE_SHRINK") else [])
+_PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + (
+    [Phase.shrink] if os.environ.get("MEDTL_HOSTILE_SHRINK") else [])
 SETTINGS = settings(max_examples=_EXAMPLES or 25, deadline=None, derandomize=not _EXAMPLES, database=None,
                     suppress_health_check=list(HealthCheck), print_blob=False, phases=_PHASES)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about what the mutations break
@@ -222,8 +223,9 @@ def file_specs(draw, header: bool = True, corrupt: bool = False) -> FileSpec:
             kind = draw(st.sampled_from(["length", "overwrite", "truncate"]))
             at = draw(st.floats(0, 1, allow_nan=False))
             if kind == "length":
-                mutations.append(CorruptLength(at, draw(st.one_of(
-                    st.sampled_from([0, 1, 3, 0xFFFF, 0xFFFFFFFF, 0x7FFFFFFF, 0xFFFFFFFE]), st.integers(0, 2**32 - 1)))))
+                lengths = st.one_of(st.sampled_from([0, 1, 3, 0xFFFF, 0xFFFFFFFF, 0x7FFFFFFF, 0xFFFFFFFE]),
+                                    st.integers(0, 2**32 - 1))
+                mutations.append(CorruptLength(at, draw(lengths)))
             elif kind == "overwrite":
                 mutations.append(Overwrite(at, draw(st.binary(min_size=1, max_size=8))))
             else:
@@ -438,38 +440,38 @@ def check_ingest(specs: list[FileSpec]) -> None:
 
 def _check_ingest(specs: list[FileSpec], tmp: Path) -> None:
     keep = {r.keyword for r in getattr(deid, "KEEP", {}).values()} or None
-    if True:
-        root = Path(tmp) / "export"
-        phi: set[str] = set()
-        studies: set[str] = set()
-        relpaths = []
-        for i, spec in enumerate(specs):
-            data, planted, study = build(spec, seed=i)
-            rel = f"{_folder(spec.identity)}/scan_{i}.dcm"  # no hex tail: outputs are named by content hash
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(data)
-            phi |= planted
-            studies.add(study)
-            relpaths.append(rel)
-        labels = Path(tmp) / "labels.csv"
-        labels.write_text("study_instance_uid,label\n" + "".join(f"{s},normal\n" for s in sorted(studies)))
-        out = Path(tmp) / "out"
-        with capture_logs() as cap:
-            summary = ingest.run(ingest.IngestParams(workers=1), root, labels, out, quarantine_dir=Path(tmp) / "q",
-                                 key=TEST_KEY)
-        # every file accounted for exactly once
-        assert summary.files_seen == len(specs) == summary.ingested + summary.rejected_total, vars(summary)
-        rejected = pd.read_csv(out / "rejected.csv")
-        assert len(rejected) == summary.rejected_total
-        manifest = pd.read_parquet(out / "manifest.parquet")
-        assert int(manifest["n_files"].sum()) == summary.ingested
-        # no planted identifier (or input path) anywhere
-        leaks = scan_outputs(out, phi, input_paths=relpaths, input_root=root, log_text=cap.text)
-        assert not leaks, f"planted identifiers in the outputs: {dict(list(leaks.items())[:6])}"
-        # and what was written follows the allow-list
-        problems = {p.name: dicom_problems(p, keep) for p in sorted((out / "dicom").rglob("*.dcm"))}
-        problems = {k: v for k, v in problems.items() if v}
-        assert not problems, f"outputs break the allow-list: {problems}"
+    root = Path(tmp) / "export"
+    phi: set[str] = set()
+    studies: set[str] = set()
+    relpaths = []
+    for i, spec in enumerate(specs):
+        data, planted, study = build(spec, seed=i)
+        rel = f"{_folder(spec.identity)}/scan_{i}.dcm"  # no hex tail: outputs are named by content hash
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        phi |= planted
+        studies.add(study)
+        relpaths.append(rel)
+    labels = Path(tmp) / "labels.csv"
+    labels.write_text("study_instance_uid,label\n" + "".join(f"{s},normal\n" for s in sorted(studies)))
+    out = Path(tmp) / "out"
+    with capture_logs() as cap:
+        summary = ingest.run(ingest.IngestParams(workers=1), root, labels, out, quarantine_dir=Path(tmp) / "q",
+                             key=TEST_KEY)
+    # every file accounted for exactly once
+    assert summary.files_seen == len(specs) == summary.ingested + summary.rejected_total, vars(summary)
+    rejected = pd.read_csv(out / "rejected.csv")
+    assert len(rejected) == summary.rejected_total
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert int(manifest["n_files"].sum()) == summary.ingested
+    # no planted identifier (or input path) anywhere
+    leaks = scan_outputs(out, phi, input_paths=relpaths, input_root=root, log_text=cap.text)
+    assert not leaks, f"planted identifiers in the outputs: {dict(list(leaks.items())[:6])}; " \
+        f"in elements: {locate_leaks(out, leaks, phi)}"
+    # and what was written follows the allow-list
+    problems = {p.name: dicom_problems(p, keep) for p in sorted((out / "dicom").rglob("*.dcm"))}
+    problems = {k: v for k, v in problems.items() if v}
+    assert not problems, f"outputs break the allow-list: {problems}"
 
 
 @SETTINGS
