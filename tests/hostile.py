@@ -2,8 +2,8 @@
 
 :func:`write_hostile_corpus` writes a tree under ``root`` and returns :class:`Planted`: every
 identifier string planted (``phi``, for :func:`tests.phi_scan.scan_outputs`), every directory entry
-with what ingest must make of it (``expected``: ``"ingested"``, a rejection category, or
-``"rejected"`` for any category), the datasets written, and a labels CSV (outside the tree, keyed by
+with what ingest must make of it (``expected``: ``"ingested"``, a rejection category,
+``"rejected"`` for any category, or ``"any"``: only accounted for), the datasets written, and a labels CSV (outside the tree, keyed by
 study) that labels every image so that images are ingested rather than rejected as unlabelled.
 
 What it plants (see :data:`CASES` for one line each):
@@ -16,11 +16,14 @@ What it plants (see :data:`CASES` for one line each):
   ...); text in sequences (AcquisitionContextSequence/TextValue, RequestAttributesSequence,
   OtherPatientIDsSequence, a kept VOILUTSequence whose item holds a private block and an unknown tag);
   private blocks (LO, UN, SQ); unknown public tags in even groups (LO, UN); retired attributes
-  (OtherPatientIDs, StudyComments); an overlay (group 6000) with text; identifiers inside values a
+  (OtherPatientIDs, StudyComments); an overlay (group 6000) with text; an icon image, an encapsulated
+  document and SR-style ContentSequence (PersonName, TextValue) with PHI; identifiers inside values a
   de-identifier keeps (Manufacturer, ManufacturerModelName, BodyPartExamined, ConvolutionKernel,
   WindowCenterWidthExplanation, LUTExplanation): these must be blanked;
 * character sets: ISO_IR 100 (``MÜLLER^JÜRGEN``), ISO_IR 192 (Cyrillic, Greek), ISO 2022 IR 87
-  (``Yamada^Tarou=山田^太郎=やまだ^たろう``), each with a name part inside a kept attribute;
+  (``Yamada^Tarou=山田^太郎=やまだ^たろう``), each with a name part inside a kept attribute, and a file
+  whose SpecificCharacterSet lies (ISO_IR 100 declared over UTF-8 bytes);
+* sequences nested 400 deep (a recursion bomb);
 * malformed dates (dashed and dotted study dates, month 13, ``19xx0101`` birth date);
 * size bombs: a 2 GB sparse file, a ~4 KB RLE file claiming 65535 x 65535 x 16 bits, a native file
   claiming 40000 frames of 512 x 512;
