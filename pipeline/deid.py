@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.charset import decode_bytes
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
@@ -104,7 +104,23 @@ IDENTIFIER_KEYWORDS = (
 )
 _IDENTIFIER_TAGS = tuple(tag_for_keyword(k) for k in IDENTIFIER_KEYWORDS)
 _BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
-_BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "AT", "UV", "SV"})
+_BINARY_SIZE = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "AT": 4, "UV": 8, "SV": 8}
+_BINARY_VRS = frozenset(_BINARY_SIZE)
+_MAX_OPEN_VM = 16  # values a kept binary attribute of VM "1-n" may have (none on the list needs more)
+#: palette attributes: kept only for PALETTE COLOR images (elsewhere they are bytes nothing reads)
+_PALETTE = frozenset(tag_for_keyword(f"{c}PaletteColorLookupTable{p}") for c in ("Red", "Green", "Blue")
+                     for p in ("Descriptor", "Data"))
+
+
+@functools.lru_cache(maxsize=256)
+def _max_vm(tag: int) -> int:
+    """The most values the data dictionary allows (``1-n`` and the like: :data:`_MAX_OPEN_VM`)."""
+    try:
+        vm = dictionary_VM(tag)
+    except KeyError:
+        return 1
+    top = vm.split("-")[-1]
+    return int(top) if top.isdigit() else _MAX_OPEN_VM
 _TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "CS", "AE", "PN", "UR"})
 _CS = re.compile(r"^[A-Z0-9 _]{0,16}$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -248,6 +264,8 @@ class Pseudonymizer:
 
 
 _METHOD_CODES_TAG = Tag(tag_for_keyword("DeidentificationMethodCodeSequence"))
+_LUT_DATA = Tag(tag_for_keyword("LUTData"))
+_PHOTOMETRIC = Tag(tag_for_keyword("PhotometricInterpretation"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -288,6 +306,10 @@ class _Rebuild:
             elem = self.element(source, tag, rule)
             if elem is not None:
                 out[tag] = elem
+        photometric = str(out[_PHOTOMETRIC].value).strip() if _PHOTOMETRIC in out else ""
+        if photometric != "PALETTE COLOR":
+            for tag in _PALETTE:
+                out.pop(tag, None)
         return out
 
     def element(self, source: Dataset, tag: Tag, rule: Keep) -> DataElement | RawDataElement | None:
@@ -304,6 +326,8 @@ class _Rebuild:
         if raw.VR is not None and raw.VR != expected and raw.VR not in expected.split(" or ") and raw.VR != "UN":
             return None  # stored under another VR: whatever it holds, it is not this attribute's value
         if action == "bulk":
+            if tag in _PALETTE or tag == _LUT_DATA:  # tables, not pixels: text hidden in them is dropped
+                return None if _mentions(raw.value if isinstance(raw.value, bytes) else b"", self.tokens) else raw
             return raw
         if action == "sequence":
             elem = source[tag]
@@ -343,7 +367,11 @@ class _Rebuild:
         if vr in _BULK_VRS or vr == "SQ":
             return None
         if vr in _BINARY_VRS:
-            return raw if len(value) <= 128 else None
+            size = _BINARY_SIZE[vr]
+            count, odd = divmod(len(value), size)
+            if odd or count > _max_vm(raw.tag) or _mentions(value, self.tokens):
+                return None  # not this attribute's values: a binary field is a classic place to hide text
+            return raw
         if len(value) > _MAX_VALUE_BYTES:
             return None
         if vr in _TEXT_VRS:
@@ -375,7 +403,7 @@ class _Rebuild:
         if vr in _BULK_VRS or vr == "SQ":
             return None  # only ``bulk``/``sequence`` rows may carry these
         if vr in _BINARY_VRS:
-            return elem if len(values) <= 16 else None
+            return elem if len(values) <= _max_vm(elem.tag) else None
         text = "\\".join(str(v) for v in values)
         if len(text.encode("utf-8", "replace")) > _MAX_VALUE_BYTES:
             return None
