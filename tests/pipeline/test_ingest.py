@@ -21,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pipeline import cli, deid, ingest, keys
 from tests.conftest import TEST_KEY
+from tests.phi_scan import scan_outputs
 
 
 def _raw_files(root: Path) -> list[Path]:
@@ -137,19 +138,6 @@ def _phi_strings(headers: dict[Path, Dataset]) -> set[str]:
     return {s.strip() for s in phi if len(s.strip()) >= 4}
 
 
-def _find_phi(blob: bytes, phi: set[str]) -> list[str]:
-    found = []
-    lower = blob.lower()
-    for value in phi:
-        needle = value.encode()
-        if value.isdigit():  # dates/IDs: only as a whole number, not inside a longer digit run (a UID)
-            if needle in blob and re.search(rb"(?<![0-9])" + re.escape(needle) + rb"(?![0-9])", blob):
-                found.append(value)
-        elif needle.lower() in lower:
-            found.append(value)
-    return found
-
-
 def test_no_phi_in_any_ingest_output_or_log(cohort, tmp_path, caplog):
     headers = _raw_headers(cohort)
     phi = _phi_strings(headers)
@@ -157,15 +145,12 @@ def test_no_phi_in_any_ingest_output_or_log(cohort, tmp_path, caplog):
     out = tmp_path / "out"
     with caplog.at_level(logging.DEBUG):
         ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", out, key=TEST_KEY)
-    leaks = {}
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.suffix == ".dcm" for p in files) and (out / "manifest.parquet") in files
-    for path in files:
-        found = _find_phi(path.read_bytes(), phi)
-        if found:
-            leaks[path.relative_to(out).as_posix()] = found[:5]
-    assert not leaks, f"PHI found in ingest outputs: {dict(list(leaks.items())[:5])}"
-    assert not _find_phi(caplog.text.encode(), phi), "PHI in the logs"
+    # every byte, decoded value, parquet cell and path name of every output, and the log; input paths too
+    leaks = scan_outputs(out, phi, input_paths=[p.relative_to(cohort).as_posix() for p in _raw_files(cohort)],
+                         input_root=cohort, log_text=caplog.text)
+    assert not leaks, f"PHI or input paths in ingest outputs: {dict(list(leaks.items())[:5])}"
     # and the de-identified files say so
     sample = pydicom.dcmread(next(p for p in files if p.suffix == ".dcm"))
     assert sample.PatientIdentityRemoved == "YES"
