@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import shutil
-import stat
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -59,14 +57,16 @@ from pydicom.uid import UID
 from pipeline import deid, keys
 from pipeline.errors import MedtlError, output_error
 from pipeline.fanout import FanoutParams, map_ordered
-from pipeline.io_utils import atomic_write_bytes, atomic_write_text, content_hash, csv_text, remove_stale_temps
+from pipeline.io_utils import (atomic_write_bytes, atomic_write_text, content_hash, csv_text, is_temp_name,
+                               remove_stale_temps)
 from pipeline.params import param
+from pipeline.sources import BAD_NAME, MB, SPECIAL_FILE, SYMLINK, TOO_LARGE, UNREADABLE, Entry, Source  # noqa: F401
+from pipeline.sources.folder import FolderSource
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 CACHE_SALT = "medtl-ingest-cache-v2"  # see RecordCache
-SIDECAR_NAMES = frozenset({"medtl_synth.json"})  # written by `medtl synth` next to the tree
 LABEL_KEYS = ("file", "sop_instance_uid", "series_instance_uid", "study_instance_uid", "accession_number")
 #: Columns of the lesion ground-truth sidecar (original UIDs; pixel coordinates 0-based, in the instance's grid).
 LESION_COLUMNS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "row", "col", "radius_px",
@@ -95,14 +95,8 @@ UNLABELLED = "unlabelled"
 DUPLICATE = "duplicate"
 INCONSISTENT_SERIES = "inconsistent_series"
 CONFLICTING_LABEL = "conflicting_label"
-TOO_LARGE = "too_large"
-SPECIAL_FILE = "special_file"
-UNREADABLE = "unreadable"
-SYMLINK = "symlink"
-BAD_NAME = "bad_name"
 WORKER_DIED = "worker_died"
 NEEDS_SITE_KEY = "needs_site_key"
-MB = 1024 * 1024
 
 
 class IngestError(MedtlError):
@@ -208,7 +202,7 @@ class IngestSummary:
 
 @dataclass(frozen=True)
 class _ScanContext:
-    input_dir: Path
+    source: Source
     out_dir: Path
     key: bytes
     params: IngestParams
@@ -417,25 +411,8 @@ def _output_path(record: FileRecord) -> str:
 
 
 def _read_input(relpath: str, ctx: _ScanContext) -> tuple[bytes | None, str]:
-    """The bytes of an input file, or (None, reason) when it is too large or cannot be read."""
-    path = ctx.input_dir / relpath
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # links were vetted by the walk
-        with os.fdopen(fd, "rb") as fh:
-            info = os.fstat(fh.fileno())
-            if not stat.S_ISREG(info.st_mode):  # replaced by something else since the walk
-                return None, f"{SPECIAL_FILE}: not a regular file"
-            if info.st_size > ctx.params.max_file_mb * MB:
-                return None, f"{TOO_LARGE}: file of {info.st_size / MB:.0f} MB, above ingest.max_file_mb " \
-                             f"({ctx.params.max_file_mb:g})"
-            data = fh.read(info.st_size + 1)  # read(n) allocates n bytes up front: ask for what is there
-            if len(data) > ctx.params.max_file_mb * MB:  # grew since fstat
-                return None, f"{TOO_LARGE}: file above ingest.max_file_mb ({ctx.params.max_file_mb:g})"
-            return data, ""
-    except PermissionError:
-        return None, f"{UNREADABLE}: permission denied"
-    except OSError as exc:
-        return None, f"{UNREADABLE}: cannot be read ({exc.strerror or type(exc).__name__})"
+    """The bytes of an input item, or (None, reason) when it is too large or cannot be read."""
+    return ctx.source.read(relpath, int(ctx.params.max_file_mb * MB))
 
 
 def _scan_file(entry: tuple[str, str]) -> tuple[str, FileRecord]:
@@ -496,6 +473,7 @@ class RecordCache:
     def __init__(self, path: Path, secret: bytes):
         self.path = path
         self.records: dict[str, FileRecord] = {}
+        self._n_lines = -1
         self._lines: dict[str, str] = {}  # content hash -> its JSON line (compact rewrites them as they are)
         self.header = self._load(secret)
         self.valid = self.header is not None
@@ -503,12 +481,15 @@ class RecordCache:
             self.header = {"cache_version": CACHE_VERSION, "deid_version": deid.DEID_VERSION, "salt": CACHE_SALT,
                            "key_check": keys.key_check(secret, CACHE_SALT)}
         self._fh = None
+        # whether the file holds exactly one good line per record (then compact may leave it as it is)
+        self._clean = self.valid and self._n_lines == len(self.records)
 
     def _load(self, secret: bytes) -> dict | None:
         """The header of a usable cache (its records loaded), or None: absent, other key or version."""
         if not self.path.exists():
             return None
         lines = self.path.read_text(errors="replace").splitlines()
+        self._n_lines = len(lines) - 1
         try:
             header = json.loads(lines[0]) if lines else {}
         except json.JSONDecodeError:
@@ -543,17 +524,20 @@ class RecordCache:
             self._fh = open(self.path, "w" if fresh else "a")
             if fresh:
                 self._fh.write(json.dumps(self.header) + "\n")
-                self.valid = True
+                self.valid = self._clean = True
         line = json.dumps(record.__dict__)  # the fields, as asdict would give them (no nested dataclasses)
         self._fh.write(line + "\n")
         self._fh.flush()
         self.records[record.content_hash] = record
+        self._clean = False  # compact sorts the lines: the same records give the same bytes, whatever the order they came in
         self._lines[record.content_hash] = line
 
     def compact(self, keep: Iterable[str]) -> None:
         """Rewrite atomically with only the records of content still present in the input."""
         self.close()
         keep = set(keep)
+        if self._clean and keep == self.records.keys():
+            return  # nothing appended or dropped: the file already holds these records, sorted
         lines = [json.dumps(self.header)] + [self._lines[h] for h in sorted(self.records) if h in keep]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
@@ -583,22 +567,16 @@ class StatIndex:
             except (OSError, ValueError):
                 self.entries = {}
 
-    @staticmethod
-    def signature(path: Path) -> list[int]:
-        try:
-            info = os.stat(path)
-        except OSError:
-            return []
-        return [info.st_size, info.st_mtime_ns, info.st_ino]
-
-    def lookup(self, file_id: str, signature: list[int]) -> str | None:
+    def lookup(self, file_id: str, signature: tuple[int, ...]) -> str | None:
         entry = self.entries.get(file_id)
-        if signature and isinstance(entry, list) and len(entry) == 4 and entry[:3] == signature:
-            return entry[3]
+        if signature and isinstance(entry, list) and len(entry) == len(signature) + 1 \
+                and tuple(entry[:-1]) == signature:
+            return entry[-1]
         return None
 
     def save(self, entries: dict[str, list]) -> None:
-        atomic_write_text(self.path, json.dumps(entries, sort_keys=True))
+        if entries != self.entries:  # an unchanged input leaves the index as it is
+            atomic_write_text(self.path, json.dumps(entries, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -913,98 +891,11 @@ def _manifest(units: list[_Unit]) -> pd.DataFrame:
 # the stage
 
 
-def display_path(relpath: str) -> str:
-    """A relative path as text that can be written anywhere: bytes of a non-UTF-8 name as ``\\xNN``."""
-    return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _is_bad_name(relpath: str) -> bool:
-    try:
-        relpath.encode("utf-8")
-    except UnicodeEncodeError:  # os.fsdecode keeps undecodable bytes as lone surrogates
-        return True
-    return False
-
-
-def _link_reason(path: Path, root: Path) -> str:
-    """'' for a link to a regular file inside the input (read like a file), else why it is not read."""
-    try:
-        target = path.resolve(strict=True)
-        info = os.stat(path)
-    except FileNotFoundError:
-        return f"{SYMLINK}: dangling symbolic link (its target does not exist)"
-    except RuntimeError:
-        return f"{SYMLINK}: symbolic link loop"
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return f"{SYMLINK}: symbolic link loop"
-        return f"{SYMLINK}: target cannot be read ({exc.strerror})"
-    if not target.is_relative_to(root):
-        return f"{SYMLINK}: symbolic link to a file outside the input folder (not followed: copy the file in)"
-    if stat.S_ISDIR(info.st_mode):
-        return f"{SYMLINK}: symbolic link to a directory (not followed: its files would be seen twice)"
-    if not stat.S_ISREG(info.st_mode):
-        return f"{SPECIAL_FILE}: symbolic link to a FIFO, socket or device"
-    return ""
-
-
-def walk_inputs(input_dir: Path, skip: Iterable[Path] = ()) -> list[tuple[str, str]]:
-    """Every entry under ``input_dir`` that is not a directory, as (relative POSIX path, reason), sorted.
-
-    The reason is '' for a file to read, else why it is not read: a special file (FIFO, socket,
-    device: never opened), a symbolic link that is dangling, loops, leaves the input or points to a
-    directory (links to regular files inside the input are read), a name that is not UTF-8, or a
-    directory that cannot be listed (one entry for the directory). ``skip`` (the labels and lesion
-    files) and synth's marker are left out. Directories are never followed through links, so the
-    walk ends whatever the tree holds.
-    """
-    root = Path(input_dir).resolve()
-    skip_set = {Path(p).resolve() for p in skip}
-    skip_names = {p.name for p in skip_set}
-    found: list[tuple[str, str]] = []
-
-    def visit(folder: Path, prefix: str) -> None:
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: os.fsencode(e.name))
-        except OSError as exc:
-            if not prefix:
-                raise IngestError(f"{input_dir}: input directory cannot be listed ({exc.strerror})") from None
-            found.append((prefix, f"{UNREADABLE}: directory cannot be listed ({exc.strerror}); its files are not seen"))
-            return
-        for entry in entries:
-            rel = f"{prefix}/{entry.name}" if prefix else entry.name
-            path = folder / entry.name
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    visit(path, rel)
-                    continue
-                if not prefix and entry.name in SIDECAR_NAMES:
-                    continue
-                if entry.is_symlink():
-                    reason = _link_reason(path, root)
-                elif entry.is_file(follow_symlinks=False):
-                    if entry.name in skip_names and path.resolve() in skip_set:
-                        continue
-                    reason = ""
-                else:
-                    reason = f"{SPECIAL_FILE}: a FIFO, socket or device, not a file (never opened)"
-            except OSError as exc:
-                reason = f"{UNREADABLE}: cannot be examined ({exc.strerror})"
-            if _is_bad_name(rel):
-                reason = f"{BAD_NAME}: the path is not valid UTF-8 (rename the file)"
-            found.append((rel, reason))
-
-    visit(root, "")
-    return found
-
-
-def _refuse_inside(input_dir: Path, **outputs: Path | None) -> None:
+def _refuse_inside(source: Source, input_name: str, **outputs: Path | None) -> None:
     """An output or quarantine inside the input would be read back as input on the next run."""
-    root = Path(input_dir).resolve()
     for name, path in outputs.items():
-        if path is not None and Path(path).resolve().is_relative_to(root):
-            raise IngestError(f"{path}: the {name} directory is inside the input {input_dir}; put it outside "
+        if path is not None and source.contains(Path(path)):
+            raise IngestError(f"{path}: the {name} directory is inside the input {input_name}; put it outside "
                               "(it would be ingested as input on the next run)")
 
 
@@ -1045,11 +936,13 @@ def run(
             usable key, an output or quarantine inside the input, an output that cannot be written.
     """
     started = time.perf_counter()
-    input_dir, out_dir = Path(input_dir), Path(out_dir)
-    if not input_dir.is_dir():
-        raise IngestError(f"{input_dir}: input directory does not exist")
-    _refuse_inside(input_dir, output=out_dir, quarantine=quarantine_dir)
-    synthetic = keys.synthetic_files(input_dir)
+    source = FolderSource(Path(input_dir)) if isinstance(input_dir, (str, os.PathLike)) else input_dir
+    out_dir = Path(out_dir)
+    if isinstance(source, FolderSource):
+        source.check()
+    _refuse_inside(source, str(input_dir), output=out_dir, quarantine=quarantine_dir)
+    demo_possible = key is None or (key.secret if isinstance(key, keys.SiteKey) else bytes(key)) == keys.DEMO_KEY
+    synthetic = source.synthetic_files() if demo_possible else frozenset()
     if key is None:
         key = keys.resolve_key(demo_allowed=bool(synthetic))
         log.info("pseudonymisation key from %s", key.source)
@@ -1065,33 +958,34 @@ def run(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise output_error(out_dir, exc) from None
-    stale = remove_stale_temps(out_dir) + (remove_stale_temps(quarantine_dir) if quarantine_dir is not None else 0)
-    if stale:
-        log.info("removed %d temporary files an interrupted run left", stale)
 
     # the cache's key check is a slow KDF (scrypt releases the GIL): load it while the input is walked
     with ThreadPoolExecutor(1) as pool:
         loading = pool.submit(RecordCache, out_dir / "cache" / "records.jsonl", secret)
-        entries = walk_inputs(input_dir, skip=[labels_csv, *([lesions_csv] if lesions_csv is not None else [])])
-        file_ids = {rel: pseudo.file_id(display_path(rel)) for rel, _ in entries}
-        signatures = {rel: StatIndex.signature(input_dir / rel) for rel, reason in entries if not reason}
+        entries = source.entries(skip=(Path(labels_csv), *((Path(lesions_csv),) if lesions_csv is not None else ())))
+        file_ids = {e.id: pseudo.file_id(source.display(e.id)) for e in entries}
+        existing, stale = _existing_outputs(out_dir)  # one walk of the output: its files, and removed temps
         cache = loading.result()
+    stale += remove_stale_temps(quarantine_dir) if quarantine_dir is not None else 0
+    if stale:
+        log.info("removed %d temporary files an interrupted run left", stale)
     if not cache.valid:
         if (out_dir / "dicom").exists():
             log.warning("ingest cache was made with another key or version (or is missing): starting from scratch")
         shutil.rmtree(out_dir / "dicom", ignore_errors=True)
-    ctx = _ScanContext(input_dir, out_dir, secret, params, frozenset(cache.records), demo=demo,
+        existing = set()
+    ctx = _ScanContext(source, out_dir, secret, params, frozenset(cache.records), demo=demo,
                        synthetic=synthetic if demo else frozenset())
 
-    # phase 1: scan. A file whose stat signature is unchanged since the last run is not even read
-    # (its content id comes from the local stat index); other cached content is only hashed.
+    # phase 1: scan. An item whose signature is unchanged since the last run is not even read (its
+    # content id comes from the local stat index); other cached content is only hashed.
     index = StatIndex(out_dir / STAT_INDEX_NAME, cache.valid)
-    known = {rel: h for rel, sig in signatures.items()
-             if (h := index.lookup(file_ids[rel], sig)) is not None and h in cache.records}
+    known = {e.id: h for e in entries
+             if e.signature and (h := index.lookup(file_ids[e.id], e.signature)) is not None and h in cache.records}
     results: dict[str, FileRecord] = {rel: cache.records[h] for rel, h in known.items()}
     n_new = 0
     try:
-        todo = [entry for entry in entries if entry[0] not in known]
+        todo = [(e.id, e.reason) for e in entries if e.id not in known]
         for relpath, record in map_ordered(_scan_file, todo, init=_init_worker, init_args=(ctx,), params=fanout,
                                            workers=params.workers, desc="ingest", on_crash=_scan_crashed):
             if record.reason == "__cached__":
@@ -1100,25 +994,26 @@ def run(
                 n_new += 1
                 if record.content_hash:  # a file that was not read has nothing to cache
                     cache.append(record)
+                    if record.output:
+                        existing.add(record.output)
             results[relpath] = record
     finally:
         cache.close()
-    scanned = [(rel, results[rel]) for rel, _ in entries]
-    index.save({file_ids[rel]: [*signatures[rel], results[rel].content_hash]
-                for rel in signatures if results[rel].content_hash and signatures[rel]})
+    scanned = [(e.id, results[e.id]) for e in entries]
+    index.save({file_ids[e.id]: [*e.signature, results[e.id].content_hash]
+                for e in entries if e.signature and results[e.id].content_hash})
 
     # phase 2: assemble units
-    units, rejected = _assemble(scanned, labels, params, file_id=lambda rel: pseudo.file_id(display_path(rel)))
+    units, rejected = _assemble(scanned, labels, params, file_id=file_ids.__getitem__)
 
     # phase 3: outputs
     wanted = {r.output: p for u in units for p, r in u.files}
-    existing = _existing_outputs(out_dir)
     missing = [(p, out) for out, p in sorted(wanted.items()) if out not in existing]
     for _ in map_ordered(_rewrite_output, missing, init=_init_worker, init_args=(ctx,), params=fanout,
                          workers=params.workers, desc="rewrite"):
         pass
     _remove_unwanted(out_dir, existing, set(wanted))
-    cache.compact(r.content_hash for _, r in scanned)
+    cache.compact({r.content_hash for _, r in scanned})
 
     manifest = _manifest(units)
     buffer = io.BytesIO()
@@ -1135,9 +1030,9 @@ def run(
     # rejected.csv is a DVC output (pushed): input paths often hold names and MRNs, so files are named
     # by keyed ids there; the local quarantine's reasons.csv maps them back to paths
     atomic_write_text(out_dir / "rejected.csv", csv_text(
-        ["file_id", "reason"], sorted((pseudo.file_id(display_path(rel)), reason) for rel, reason in rejected_rows)))
+        ["file_id", "reason"], sorted((file_ids[rel], reason) for rel, reason in rejected_rows)))
     if quarantine_dir is not None:
-        _quarantine(input_dir, Path(quarantine_dir), rejected_rows, pseudo, params)
+        _quarantine(source, Path(quarantine_dir), rejected_rows, file_ids, params)
 
     ingested_files = sum(len(u.files) for u in units)
     summary = IngestSummary(
@@ -1175,18 +1070,34 @@ def run(
     return summary
 
 
-def _existing_outputs(out_dir: Path) -> set[str]:
-    """De-identified files under ``out_dir/dicom`` (paths relative to ``out_dir``)."""
-    found = set()
-    for folder, _dirs, names in os.walk(out_dir / "dicom"):
-        prefix = Path(folder).relative_to(out_dir).as_posix()
-        found.update(f"{prefix}/{name}" for name in names)
-    return found
+def _existing_outputs(out_dir: Path) -> tuple[set[str], int]:
+    """De-identified files under ``out_dir/dicom`` (paths relative to ``out_dir``), and how many temporary
+    files a killed run left anywhere in ``out_dir`` (removed): one walk of the output for both."""
+    found: set[str] = set()
+    stale = 0
+
+    def visit(folder: str, rel: str) -> None:
+        nonlocal stale
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    visit(entry.path, f"{rel}/{entry.name}" if rel else entry.name)
+                elif is_temp_name(entry.name):
+                    os.unlink(entry.path)
+                    stale += 1
+                elif rel == "dicom" or rel.startswith("dicom/"):
+                    found.add(f"{rel}/{entry.name}")
+
+    visit(str(out_dir), "")
+    return found, stale
 
 
 def _remove_unwanted(out_dir: Path, existing: set[str], wanted: set[str]) -> None:
     """Delete outputs no longer wanted, then the directories that leaves empty."""
-    for rel in existing - wanted:
+    unwanted = existing - wanted
+    if not unwanted:
+        return
+    for rel in unwanted:
         (out_dir / rel).unlink(missing_ok=True)
     for folder, _dirs, names in os.walk(out_dir / "dicom", topdown=False):
         if not names and not _has_entries(folder):  # its subdirectories may just have gone
@@ -1198,8 +1109,8 @@ def _has_entries(folder: str) -> bool:
         return any(True for _ in it)
 
 
-def _quarantine(input_dir: Path, quarantine_dir: Path, rejected_rows: list[tuple[str, str]],
-                pseudo: deid.Pseudonymizer, params: IngestParams) -> None:
+def _quarantine(source: Source, quarantine_dir: Path, rejected_rows: list[tuple[str, str]],
+                file_ids: dict[str, str], params: IngestParams) -> None:
     """Link (or copy) every rejected file into ``quarantine_dir`` with a reasons list; drop stale ones.
 
     Local only (raw files with PHI, and their paths): never a DVC output. Entries that are not regular
@@ -1210,29 +1121,21 @@ def _quarantine(input_dir: Path, quarantine_dir: Path, rejected_rows: list[tuple
         quarantine_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise output_error(quarantine_dir, exc) from None
-    shown = {display_path(p): p for p, _ in rejected_rows}
+    shown = {source.display(p): p for p, _ in rejected_rows}
     for path in sorted(quarantine_dir.rglob("*"), reverse=True):
         rel = path.relative_to(quarantine_dir).as_posix()
         if path.is_file() and rel != "reasons.csv" and rel not in shown:
             path.unlink()
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()
-    for name, relpath in shown.items():
-        source, target = input_dir / relpath, quarantine_dir / name
-        try:
-            info = os.lstat(source)
-        except OSError:
+    reasons = dict(rejected_rows)
+    not_kept = (SPECIAL_FILE, SYMLINK, UNREADABLE, BAD_NAME, TOO_LARGE)  # listed only, by design
+    for name, item_id in shown.items():
+        target = quarantine_dir / name
+        if os.path.lexists(target):
             continue
-        if target.exists() or not stat.S_ISREG(info.st_mode):
-            continue
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(source, target)
-        except OSError:
-            if info.st_size <= params.max_file_mb * MB:
-                try:
-                    shutil.copy2(source, target)
-                except OSError:
-                    log.warning("quarantine: input file %s could not be copied", pseudo.file_id(name))
+        if not source.keep(item_id, target, int(params.max_file_mb * MB)) \
+                and reasons[item_id].split(":", 1)[0] not in not_kept:
+            log.warning("quarantine: input file %s could not be copied", file_ids[item_id])
     atomic_write_text(quarantine_dir / "reasons.csv", csv_text(
-        ["path", "file_id", "reason"], [(display_path(p), pseudo.file_id(display_path(p)), r) for p, r in rejected_rows]))
+        ["path", "file_id", "reason"], [(source.display(p), file_ids[p], r) for p, r in rejected_rows]))

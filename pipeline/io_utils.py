@@ -66,6 +66,11 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is that of a temporary file :func:`atomic_write_bytes` writes (then renames)."""
+    return name.endswith(TMP_SUFFIX) and TMP_NAME.match(name) is not None
+
+
 def remove_stale_temps(root: Path) -> int:
     """Delete temporary files that a killed :func:`atomic_write_bytes` left under ``root``; return how many.
 
@@ -78,7 +83,7 @@ def remove_stale_temps(root: Path) -> int:
         return 0
     for folder, _dirs, names in os.walk(root):
         for name in names:
-            if name.endswith(TMP_SUFFIX) and TMP_NAME.match(name):
+            if is_temp_name(name):
                 Path(folder, name).unlink(missing_ok=True)
                 removed += 1
     return removed

@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shlex
 import stat
@@ -344,8 +345,11 @@ def key_matches(secret: bytes, salt: str, check: str) -> bool:
 # files medtl synth wrote
 
 
+_CONTENT_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def _is_content_id(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and _CONTENT_ID.fullmatch(value) is not None
 
 
 def synthetic_files(input_dir: Path) -> frozenset[str]:

@@ -266,6 +266,15 @@ def test_incremental_rerun_after_new_arrivals_equals_full_run(tmp_path):
     assert (out / "rejected.csv").read_text() == (full_out / "rejected.csv").read_text()
     assert _outputs(out) == _outputs(full_out)
     assert {k: v for k, v in vars(second).items() if k != "run"} == {k: v for k, v in vars(full).items() if k != "run"}
+    # the cache (a DVC output) is the same bytes whatever order its records arrived in
+    assert (out / "cache/records.jsonl").read_bytes() == (full_out / "cache/records.jsonl").read_bytes()
+
+    # a rerun with nothing new reads no file and leaves the cache and the local stat index untouched
+    stamps = {name: (out / name).stat().st_mtime_ns for name in ("cache/records.jsonl", ingest.STAT_INDEX_NAME)}
+    third = ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", out, **sidecars)
+    assert third.run["new_files"] == 0 and third.run["cached_files"] == third.files_seen
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), pd.read_parquet(full_out / "manifest.parquet"))
 
 
 def test_interrupted_run_resumes_from_its_cache(cohort, ingested, tmp_path):
