@@ -266,6 +266,42 @@ class Pseudonymizer:
 _METHOD_CODES_TAG = Tag(tag_for_keyword("DeidentificationMethodCodeSequence"))
 _LUT_DATA = Tag(tag_for_keyword("LUTData"))
 _PHOTOMETRIC = Tag(tag_for_keyword("PhotometricInterpretation"))
+#: native pixel data elements and the bits of one sample (PixelData: BitsAllocated)
+_NATIVE_PIXELS = {Tag(tag_for_keyword("PixelData")): None, Tag(tag_for_keyword("FloatPixelData")): 32,
+                  Tag(tag_for_keyword("DoubleFloatPixelData")): 64}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _header_int(source: Dataset, keyword: str, default: int) -> int:
+    try:
+        value = source.get(keyword, default)
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def declared_pixel_bytes(source: Dataset, bits: int | None = None) -> int:
+    """Bytes the header says native pixels take: rows × columns × frames × samples × bits / 8."""
+    frames = max(_header_int(source, "NumberOfFrames", 1), 1)
+    samples = max(_header_int(source, "SamplesPerPixel", 1), 1)
+    bits = bits if bits is not None else _header_int(source, "BitsAllocated", 0)
+    return (_header_int(source, "Rows", 0) * _header_int(source, "Columns", 0) * frames * samples * bits + 7) // 8
+
+
+def _trimmed_pixels(elem: RawDataElement | DataElement, source: Dataset,
+                    bits: int | None) -> RawDataElement | DataElement:
+    """Native pixel data cut to the length the header declares (bytes past it are not pixels: text can
+    hide there); encapsulated (compressed) pixel data is left as it is."""
+    encapsulated = elem.length == _UNDEFINED_LENGTH if elem.is_raw else elem.is_undefined_length
+    if encapsulated or not isinstance(elem.value, bytes):
+        return elem
+    declared = declared_pixel_bytes(source, bits)
+    if len(elem.value) <= declared + declared % 2:
+        return elem
+    value = elem.value[:declared] + (b"\0" if declared % 2 else b"")  # even length, the pad byte ours
+    if elem.is_raw:
+        return elem._replace(value=value, length=len(value))
+    return DataElement(elem.tag, elem.VR, value)
 
 
 @functools.lru_cache(maxsize=8)
@@ -328,6 +364,8 @@ class _Rebuild:
         if action == "bulk":
             if tag in _PALETTE or tag == _LUT_DATA:  # tables, not pixels: text hidden in them is dropped
                 return None if _mentions(raw.value if isinstance(raw.value, bytes) else b"", self.tokens) else raw
+            if tag in _NATIVE_PIXELS:
+                return _trimmed_pixels(raw, source, _NATIVE_PIXELS[tag])
             return raw
         if action == "sequence":
             elem = source[tag]

@@ -270,13 +270,6 @@ def _read(data: bytes) -> pydicom.Dataset:
     return ds
 
 
-def _declared_pixel_bytes(ds: pydicom.Dataset) -> int:
-    """Bytes the header says the decoded pixels take: rows × columns × frames × samples × bits / 8."""
-    frames = _int(ds, "NumberOfFrames", 1)
-    pixels = _int(ds, "Rows", 0) * _int(ds, "Columns", 0) * max(frames, 1) * max(_int(ds, "SamplesPerPixel", 1), 1)
-    return (pixels * _int(ds, "BitsAllocated", 0) + 7) // 8
-
-
 def _check_pixels(ds: pydicom.Dataset, record: FileRecord, params: IngestParams) -> FileRecord | None:
     """Reject if the pixel data is too large or cannot be decoded here; return None when fine."""
     tsyntax = UID(record.transfer_syntax) if record.transfer_syntax else None
@@ -284,7 +277,9 @@ def _check_pixels(ds: pydicom.Dataset, record: FileRecord, params: IngestParams)
         return None  # float pixel data: native by definition
     if not record.rows or not record.cols or "BitsAllocated" not in ds:
         return _reject(record, CORRUPT, "image without Rows/Columns/BitsAllocated")
-    declared = _declared_pixel_bytes(ds)
+    for keyword in ("NumberOfFrames", "SamplesPerPixel", "BitsAllocated"):
+        _int(ds, keyword, 1)  # a value of the wrong kind: _BadAttribute (the file is rejected as corrupt)
+    declared = deid.declared_pixel_bytes(ds)
     if declared > params.max_pixel_mb * MB:
         return _reject(record, TOO_LARGE, f"Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated "
                                           f"declare {declared / MB:.0f} MB of pixels, above ingest.max_pixel_mb "

@@ -284,7 +284,7 @@ MARKERS = (
     "PHIACQCONTEXT", "PHIREQPROCID", "PHISCHEDSTEP", "PHIOTHERSEQID", "PHIPRIVSEQ", "PHIUNKNOWNSEQ",
     "PHIPRIVTOP", "PHIPRIVUN", "PHIPRIVSQ", "PHIUNKNOWNLO", "PHIUNKNOWNUN", "PHIUNKNOWNGRP", "PHISTUDYCOMMENT",
     "PHIOVERLAY", "PHIOVLDESC", "PHIPRIVCREATOR", "PHIOUTSIDE", "PHINOTES", "PHICONTENTCREATOR",
-    "PHISTUDYID", "PHIREQPHYS", "PHIICON", "PHIENCAPDOC", "PHICONTENTSEQ", "PHIDEEPNEST",
+    "PHISTUDYID", "PHIREQPHYS", "PHIICON", "PHIENCAPDOC", "PHICONTENTSEQ", "PHIDEEPNEST", "PHIPIXTAIL",
 )
 #: UIDs planted where a de-identifier must drop or remap them
 PLANTED_UIDS = ("1.2.999.8842137.1", "1.2.999.8842137.5", "1.2.999.8842137.9")
@@ -458,6 +458,8 @@ CASES = {
     "junk": "a text file with PHI and an empty file (not_dicom), an image without PatientID",
     "duplicates": "two files with one SOPInstanceUID and different pixels (duplicate, naming each other by file_id)",
     "bogus_syntax": "a file meta TransferSyntaxUID that is not a UID but holds an ID (rejected)",
+    "pixel_tail": "native pixel data longer than Rows x Columns x bits declare, a name in the excess bytes "
+                  "(ingested, the excess cut)",
 }
 
 
@@ -698,6 +700,12 @@ def _write_corpus(root: Path, outside: Path | None, labels_csv: Path | None, big
     data = data[:at] + b"JNK-30381_BOGUS_TS\x00\x00"[:len(good)] + data[at + len(good):]
     save(ds, root / "junk" / "bogus_syntax.dcm", data=data)
     planted.plant("junk/bogus_syntax.dcm", REJECTED, CASES["bogus_syntax"], ds, phi=PATIENT_JUNK.phi())
+
+    ds = base_instance("DX", seed=111)
+    PATIENT_A.apply(ds)
+    ds.PixelData = ds.PixelData + b"PHIPIXTAIL MUSTERMANN^MAXIMILIAN MRN8842137 "
+    save(ds, root / "pixels" / "tail.dcm")
+    planted.plant("pixels/tail.dcm", INGESTED, CASES["pixel_tail"], ds, phi=PATIENT_A.phi())
 
     planted.write_labels()
     return planted

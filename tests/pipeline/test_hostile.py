@@ -31,6 +31,7 @@ import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 import pytest
@@ -134,8 +135,10 @@ def _outputs(out: Path) -> list[Path]:
 
 
 def _output_of(run: Run, relpath: str) -> pydicom.Dataset:
-    """The de-identified output of a planted image, found by its pixel data (unique per planted file)."""
-    pixels = run.planted.sources[relpath].PixelData
+    """The de-identified output of a planted image, found by its pixel data (unique per planted file;
+    the declared length of it: bytes past it are cut)."""
+    source = run.planted.sources[relpath]
+    pixels = source.PixelData[:source.Rows * source.Columns * source.BitsAllocated // 8]
     for path in _outputs(run.out):
         ds = pydicom.dcmread(path)
         if ds.get("PixelData") == pixels:
@@ -655,3 +658,14 @@ def test_demo_key_is_verified_per_file_not_by_folder(tmp_path, monkeypatch):
     assert rows.get(edited_rel, "").startswith("needs_site_key:"), rows.get(edited_rel)
     assert summary.rejected.get("needs_site_key") == 2, summary.rejected
     assert summary.ingested > 10, "the synth files themselves are ingested with the demo key"
+
+
+def test_native_pixel_data_is_cut_to_its_declared_length(run1):
+    """Bytes past Rows x Columns x BitsAllocated are not pixels: a name hidden there must not be copied."""
+    source = run1.planted.sources["pixels/tail.dcm"]
+    declared = source.Rows * source.Columns * source.BitsAllocated // 8
+    assert len(source.PixelData) > declared  # the corpus really planted a tail
+    out = _output_of(run1, "pixels/tail.dcm")
+    assert out.PixelData == source.PixelData[:declared]
+    assert b"PHIPIXTAIL" not in Path(out.filename).read_bytes()
+    np.testing.assert_array_equal(out.pixel_array, source.pixel_array)
