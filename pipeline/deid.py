@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 #: Bump when the de-identified output of the same input would change; invalidates ingest caches.
-DEID_VERSION = "2"
+DEID_VERSION = "3"
 KEEP_FILE = Path(__file__).with_name("deid_keep.csv")
 ACTIONS = ("keep", "uid", "date", "empty", "pseudonym", "age", "sequence", "bulk")
 
