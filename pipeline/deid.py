@@ -147,14 +147,42 @@ def _normalise(text: str) -> str:
     return " ".join(re.split(r"[\s^=,]+", text.lower())).strip()
 
 
+_NESTED_PN_DEPTH = 8  # sequences nested deeper than this are not searched for names (they are dropped or rebuilt)
+
+
 def identifiers(ds: Dataset) -> frozenset[str]:
     """Identifier strings of a source header (lower case, ``^``/``=`` as spaces; see :func:`_is_token`).
 
-    The values of :data:`IDENTIFIER_KEYWORDS` and of every top-level PN element, whole and (names)
-    by component. Used only in memory, to blank a kept value that repeats one of them.
+    The values of :data:`IDENTIFIER_KEYWORDS` and of every PN element, at the top level and inside
+    sequences (down to :data:`_NESTED_PN_DEPTH` levels), whole and (names) by component. Used only
+    in memory, to blank a kept value that repeats one of them.
     """
     tokens: set[str] = set()
-    tags = set(_IDENTIFIER_TAGS)
+    encodings = _encodings(ds)
+    _collect(ds, set(_IDENTIFIER_TAGS), tokens, encodings)
+
+    def nested(dataset: Dataset, depth: int) -> None:
+        for tag in dataset.keys():
+            raw = dataset.get_item(tag)
+            vr = getattr(raw, "VR", None) or _dictionary_vr(tag)
+            if vr != "SQ" or depth >= _NESTED_PN_DEPTH:
+                continue
+            try:
+                items = dataset[tag].value or []
+            except Exception:  # noqa: BLE001 - an unparsable sequence is dropped by the rebuild anyway
+                continue
+            for item in items:
+                if isinstance(item, Dataset):
+                    _collect(item, set(), tokens, encodings)
+                    nested(item, depth + 1)
+
+    if any((getattr(ds.get_item(tag), "VR", None) or _dictionary_vr(tag)) == "SQ" for tag in ds.keys()):
+        nested(ds, 0)
+    return frozenset(tokens)
+
+
+def _collect(ds: Dataset, tags: set, tokens: set[str], encodings: list[str]) -> None:
+    """Add the identifier tokens of ``tags`` and of every PN element of ``ds`` (one level) to ``tokens``."""
     for tag in ds.keys():
         raw = ds.get_item(tag)
         vr = getattr(raw, "VR", None) or _dictionary_vr(tag)
@@ -167,13 +195,12 @@ def identifiers(ds: Dataset) -> frozenset[str]:
         value = raw.value
         if isinstance(value, bytes):
             try:
-                value = decode_bytes(value, _encodings(ds), set())
+                value = decode_bytes(value, encodings, set())
             except Exception:  # noqa: BLE001 - undecodable in the declared character set: its bytes still count
                 value = value.decode("latin-1")
         for item in value.split("\\") if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value]):
             text = _normalise(str(item))
             tokens.update(t for t in (text, *text.split()) if _is_token(t))
-    return frozenset(tokens)
 
 
 def _is_token(text: str) -> bool:

@@ -120,6 +120,25 @@ def test_a_kept_value_that_names_someone_from_the_header_is_blanked(keyword, val
     assert out.get(keyword, "") == ""
 
 
+def test_a_name_found_only_inside_a_sequence_is_blanked_where_a_kept_value_repeats_it():
+    """A performing physician named only in a nested item (dropped) must not survive in a kept top-level value."""
+    pseudo = deid.Pseudonymizer(KEY)
+    ds = _instance("MRN1", "1.2.3.1", "20200105")
+    step = Dataset()
+    step.PerformingPhysicianName = "ZWIEBELKNECHT^OTTO"
+    inner = Dataset()
+    inner.ReferencedSOPInstanceUID = "1.2.3.9"
+    inner.ContentSequence = pydicom.Sequence([Dataset()])
+    inner.ContentSequence[0].PersonName = "QUASTHOFF^ILSE"
+    step.ReferencedImageSequence = pydicom.Sequence([inner])
+    ds.PerformedProtocolCodeSequence = pydicom.Sequence([step])
+    ds.Manufacturer, ds.ConvolutionKernel = "Zwiebelknecht Medical", "QUASTHOFF"
+    ds.ManufacturerModelName = "XR-5000"
+    out = pseudo.deidentify(ds, "P-1")
+    assert out.get("Manufacturer", "") == "" and out.get("ConvolutionKernel", "") == ""
+    assert out.ManufacturerModelName == "XR-5000", "a clean kept value stays"
+
+
 @pytest.mark.parametrize("keyword, value", [("PixelSpacing", "DOE"), ("PatientSex", "DOE JANE"),
                                             ("PatientAge", "Jane is 61"), ("SOPClassUID", "DOE.JANE")])
 def test_a_kept_value_invalid_for_its_vr_is_dropped(keyword, value):
