@@ -13,7 +13,8 @@ import json
 import os
 import re
 import time
-from dataclasses import replace
+import zoneinfo
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,42 @@ from prefect.artifacts import (
 from prefect.states import Completed
 
 from pipeline.dvc_cli import run_dvc
+from pipeline.params import ParamsError, check, param
+from pipeline.paths import Project
+
+CRON_ALIASES = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
+
+
+@dataclass(frozen=True)
+class RetrainParams:
+    """``retrain`` section of params.yaml: the flow's schedule and defaults.
+
+    Attributes:
+        cron: when ``medtl serve`` runs the flow: a five-field cron expression (minute hour day month weekday)
+            or an alias such as ``@weekly``.
+        timezone: an IANA time zone name (``UTC``, ``Europe/Berlin``) the cron expression is read in.
+        promote: run the champion/challenger step.
+        push: ``dvc push`` after a successful run.
+        lock_timeout_s: seconds a second run on the repo waits for the first, >= 0 (0: fail at once).
+    """
+
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+    promote: bool = True
+    push: bool = True
+    lock_timeout_s: float = param(0.0, min=0)
+
+    def __post_init__(self) -> None:
+        check(self, "retrain")
+        if len(self.cron.split()) != 5 and self.cron.strip() not in CRON_ALIASES:
+            raise ParamsError(f"retrain.cron: must be five fields (minute hour day month weekday) or one of "
+                              f"{', '.join(CRON_ALIASES)}, got {self.cron!r}")
+        try:
+            zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ParamsError(f"retrain.timezone: not a known time zone name (e.g. UTC, Europe/Berlin), "
+                              f"got {self.timezone!r}") from exc
+
 
 LOCK_FILE = ".medtl/retrain.lock"
 _EPOCH = re.compile(r"epoch (\d+)/(\d+): train loss")
@@ -78,12 +115,11 @@ def promote_task(repo: Path, force: bool = False) -> dict:
     from pipeline import evaluate, promote
     from pipeline.params import load_section
 
-    params_file = repo / "params.yaml"
-    params = load_section(promote.PromoteParams, params_file, "promote")
-    registry = params.registry if Path(params.registry).is_absolute() else str(repo / params.registry)
-    return promote.run(replace(params, registry=registry), repo / "models/model.pt", repo / "reports",
-                       repo / "data/processed/images", repo / "data/processed/splits.csv",
-                       evaluate_params=load_section(evaluate.EvaluateParams, params_file, "evaluate"), force=force)
+    project = Project(repo)
+    params = load_section(promote.PromoteParams, project.params, "promote")
+    return promote.run(replace(params, registry=str(project.registry(params.registry))), project.model,
+                       project.reports_dir, project.images_dir, project.splits_csv,
+                       evaluate_params=load_section(evaluate.EvaluateParams, project.params, "evaluate"), force=force)
 
 
 @task(name="dvc push", task_run_name="dvc push", retries=2, retry_delay_seconds=10)
@@ -106,7 +142,7 @@ def apply_overrides(repo: Path, overrides: dict[str, Any]) -> None:
     from ruamel.yaml import YAML
 
     yaml_rt = YAML()
-    path = repo / "params.yaml"
+    path = Project(repo).params
     data = yaml_rt.load(path.read_text())
     for dotted, value in overrides.items():
         node = data
@@ -127,7 +163,8 @@ def apply_overrides(repo: Path, overrides: dict[str, Any]) -> None:
 def _publish(repo: Path, promotion: dict | None) -> None:
     from pipeline import evaluate
 
-    summary_path = repo / "data/interim/ingest/summary.json"
+    project = Project(repo)
+    summary_path = project.ingest_summary
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
         rejected = "\n".join(f"| {reason} | {count} |" for reason, count in sorted(s.get("rejected", {}).items()))
@@ -136,11 +173,11 @@ def _publish(repo: Path, promotion: dict | None) -> None:
             markdown=(f"# Ingest\n\n{s['files_seen']} files seen, {s['ingested']} ingested as {s['images']} images "
                       f"of {s['patients']} patients, {sum(s.get('rejected', {}).values())} rejected.\n\n"
                       f"| rejected: reason | files |\n|---|---|\n{rejected}\n"))
-    metrics_path = repo / "reports/metrics.json"
+    metrics_path = project.metrics
     if metrics_path.exists():
         create_markdown_artifact(key="test-metrics", description="Test metrics with patient-bootstrap 95% CIs",
                                  markdown="# Test metrics\n\n" + evaluate.metrics_table(json.loads(metrics_path.read_text())))
-    report_path = repo / "reports/report.md"
+    report_path = project.report_md
     if report_path.exists():
         create_markdown_artifact(key="evaluation-report", description="Evaluation report (figures in reports/report.html)",
                                  markdown=report_path.read_text())

@@ -12,15 +12,15 @@ import logging
 import os
 import sys
 import traceback
-import zoneinfo
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
 
 from pipeline.errors import USER_ERROR, MedtlError, output_error
 from pipeline.fanout import RUNNERS
-from pipeline.params import ParamsError, check, load_section, param
+from pipeline import paths
+from pipeline.params import ParamsError, load_section
 
 log = logging.getLogger("medtl")
 
@@ -114,21 +114,45 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pipeline import evaluate, promote
+
+    params = load_section(promote.PromoteParams, args.params, "promote")
+    if args.registry:
+        params = replace(params, registry=args.registry)
+    images, reports = Path(args.images), Path(args.reports)
+    _inputs("train", Path(args.model))
+    _inputs("evaluate", reports / paths.METRICS, reports / paths.PREDICTIONS)
+    _inputs("preprocess", images / "index.parquet", images / "tensors.npy")
+    _inputs("split", Path(args.splits))
+    result = promote.run(params, Path(args.model), reports, images, Path(args.splits),
+                         evaluate_params=load_section(evaluate.EvaluateParams, args.params, "evaluate"),
+                         force=args.force)
+    decision = result["decision"]
+    print(("promote: promoted" if decision["promote"] else "promote: not promoted")
+          + f" (champion before: {result.get('champion_before')}, after: {result.get('champion_after')}); "
+          + "; ".join(decision["reasons"]))
+    return 0
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from pipeline import evaluate
 
     reports, models_dir = Path(args.reports), Path(args.models)
-    metrics_path = reports / "metrics.json"
+    metrics_path = reports / paths.METRICS
     if not metrics_path.exists():
         raise MedtlError(f"{metrics_path} does not exist: run `dvc repro` (or `medtl evaluate`) first")
-    card = json.loads((models_dir / "model_card.json").read_text()) if (models_dir / "model_card.json").exists() else {}
+    card_path = models_dir / paths.MODEL_CARD
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
     if card:
         print(f"model: {card['backbone']} ({card['strategy']}, weights {card['weights']['source']}), best epoch "
               f"{card['validation']['best_epoch']} of {card['training']['epochs_run']}, "
               f"{card['training']['wall_s']:.0f} s on {card['training']['device']}")
     print(evaluate.metrics_table(json.loads(metrics_path.read_text())))
-    print(f"report: {reports / 'report.html'} (or report.md); curves and plots: `dvc plots show`")
-    promotion_path, champion_path = reports / "promotion.json", Path(args.registry) / "champion.json"
+    print(f"report: {reports / paths.REPORT_HTML} (or {paths.REPORT_MD}); curves and plots: `dvc plots show`")
+    promotion_path, champion_path = reports / paths.PROMOTION, Path(args.registry) / paths.CHAMPION
     if promotion_path.exists():
         decision = json.loads(promotion_path.read_text())["decision"]
         print(("promotion: promoted; " if decision["promote"] else "promotion: not promoted; ")
@@ -140,40 +164,6 @@ def _cmd_summary(args: argparse.Namespace) -> int:
               f"{champion['test_auc']:.3f} [{low:.3f}, {high:.3f}], promoted {champion['promoted_at']}")
     print("runs in the Prefect UI: `prefect server start`, then open http://127.0.0.1:4200/runs")
     return 0
-
-
-CRON_ALIASES = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
-
-
-@dataclass(frozen=True)
-class RetrainParams:
-    """``retrain`` section of params.yaml: the Prefect flow's schedule and defaults.
-
-    Attributes:
-        cron: when ``medtl serve`` runs the flow: a five-field cron expression (minute hour day month weekday)
-            or an alias such as ``@weekly``.
-        timezone: an IANA time zone name (``UTC``, ``Europe/Berlin``) the cron expression is read in.
-        promote: run the champion/challenger step.
-        push: ``dvc push`` after a successful run.
-        lock_timeout_s: seconds a second run on the repo waits for the first, >= 0 (0: fail at once).
-    """
-
-    cron: str = "0 3 * * 1"
-    timezone: str = "UTC"
-    promote: bool = True
-    push: bool = True
-    lock_timeout_s: float = param(0.0, min=0)
-
-    def __post_init__(self) -> None:
-        check(self, "retrain")
-        if len(self.cron.split()) != 5 and self.cron.strip() not in CRON_ALIASES:
-            raise ParamsError(f"retrain.cron: must be five fields (minute hour day month weekday) or one of "
-                              f"{', '.join(CRON_ALIASES)}, got {self.cron!r}")
-        try:
-            zoneinfo.ZoneInfo(self.timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-            raise ParamsError(f"retrain.timezone: not a known time zone name (e.g. UTC, Europe/Berlin), "
-                              f"got {self.timezone!r}") from exc
 
 
 def _inputs(made_by: str, *paths: Path) -> None:
@@ -235,10 +225,10 @@ def _prefect_defaults() -> None:
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
     _prefect_defaults()
-    from flows.retrain import RepoBusy, StageFailed, retrain
+    from flows.retrain import RepoBusy, RetrainParams, StageFailed, retrain
 
     repo = Path(args.repo).resolve()
-    params = load_section(RetrainParams, repo / "params.yaml", "retrain")
+    params = load_section(RetrainParams, paths.Project(repo).params, "retrain")
     lock_timeout = params.lock_timeout_s if args.lock_timeout is None else args.lock_timeout
     try:
         result = retrain(repo=str(repo), overrides=_overrides(args.set), promote=params.promote and not args.no_promote,
@@ -255,10 +245,10 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     _prefect_defaults()
-    from flows.retrain import retrain
+    from flows.retrain import RetrainParams, retrain
 
     repo = Path(args.repo).resolve()
-    params = load_section(RetrainParams, repo / "params.yaml", "retrain")
+    params = load_section(RetrainParams, paths.Project(repo).params, "retrain")
     print(f"serving deployment retrain/{args.name}: cron {params.cron!r} ({params.timezone}); Ctrl-C stops it")
     from prefect.schedules import Cron
 
@@ -271,7 +261,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from pipeline import study
 
     repo = Path(args.repo).resolve()
-    params = load_section(study.StudyParams, repo / "params.yaml", "study")
+    params = load_section(study.StudyParams, paths.Project(repo).params, "study")
     grid = params.select(args.grid)
     try:
         if args.flow:
@@ -281,7 +271,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             result = transfer_study(repo=str(repo), grid=args.grid, jobs=args.jobs, resume=args.resume)
             report, sentences, wall_s = result["report"], result["findings"], result["wall_s"]
         else:
-            pretrained = study.workspace_pretrained(repo / "params.yaml")
+            pretrained = study.workspace_pretrained(paths.Project(repo).params)
             summary = study.run(grid, repo, grid_name=args.grid or params.grid, prefix=params.name,
                                 pretrained=pretrained, jobs=args.jobs, resume=args.resume,
                                 echo=None if args.quiet else print)
@@ -359,10 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="params evaluate.device: auto, cpu, cuda")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("promote", help="compare the trained model with the champion on today's test split; "
+                                       "promote it to the registry if it is better")
+    p.add_argument("--model", default=paths.in_project(paths.MODELS_DIR, paths.MODEL),
+                   help="the challenger (default: %(default)s)")
+    p.add_argument("--reports", default=paths.REPORTS_DIR, help="its evaluate output (default: %(default)s)")
+    p.add_argument("--images", default=paths.IMAGES_DIR, help="preprocess output (default: %(default)s)")
+    p.add_argument("--splits", default=paths.in_project(paths.SPLITS_DIR, paths.SPLITS_CSV),
+                   help="split output (default: %(default)s)")
+    p.add_argument("--registry", help="champion registry (params promote.registry)")
+    p.add_argument("--force", action="store_true", help="promote whatever the comparison says (recorded as forced)")
+    p.set_defaults(func=_cmd_promote)
+
     p = sub.add_parser("summary", help="print the trained model and its test metrics with CIs")
-    p.add_argument("--reports", default="reports", help="evaluate output (default: %(default)s)")
-    p.add_argument("--models", default="models", help="train output (default: %(default)s)")
-    p.add_argument("--registry", default="registry", help="champion registry (default: %(default)s)")
+    p.add_argument("--reports", default=paths.REPORTS_DIR, help="evaluate output (default: %(default)s)")
+    p.add_argument("--models", default=paths.MODELS_DIR, help="train output (default: %(default)s)")
+    p.add_argument("--registry", default=paths.REGISTRY_DIR, help="champion registry (default: %(default)s)")
     p.set_defaults(func=_cmd_summary)
 
     p = sub.add_parser("retrain", help="run the Prefect retrain flow once (all stages through DVC, promote, push)")

@@ -58,7 +58,7 @@ SECTIONS: dict[str, str] = {
     "train": "pipeline.train:TrainParams",
     "evaluate": "pipeline.evaluate:EvaluateParams",
     "promote": "pipeline.promote:PromoteParams",
-    "retrain": "pipeline.cli:RetrainParams",
+    "retrain": "flows.retrain:RetrainParams",
     "study": "pipeline.study:StudyParams",
 }
 

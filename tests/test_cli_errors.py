@@ -153,10 +153,17 @@ def labels_0_1_with_the_default_classes(tmp: Path):
             str(tmp / "export"), "--labels", str(labels), "--out", str(tmp / "o")], "train.classes"
 
 
+def promote_before_evaluate(tmp: Path):
+    (tmp / "models").mkdir()
+    (tmp / "models" / "model.pt").write_bytes(b"")
+    return ["--params", str(_params(tmp)), "promote"], \
+        f"{Path('reports') / 'metrics.json'} does not exist: run `medtl evaluate`"
+
+
 CASES = [missing_params_file, misspelt_section, workers_two, negative_epochs, epochs_on_the_command_line,
          batch_size_zero, dropout, reversed_percentiles, missing_ingest_input, missing_preprocess_input,
          output_under_a_file, evaluate_without_a_model, evaluate_a_file_that_is_no_model, summary_without_metrics,
-         study_grid_that_does_not_exist, labels_0_1_with_the_default_classes]
+         study_grid_that_does_not_exist, labels_0_1_with_the_default_classes, promote_before_evaluate]
 
 
 @pytest.fixture

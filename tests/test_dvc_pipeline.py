@@ -119,3 +119,19 @@ def test_raw_data_is_never_pushed(project):
     leaks = {p.name: m.group().decode() for p in remote.rglob("*") if p.is_file()
              for m in [pattern.search(p.read_bytes())] if m}
     assert not leaks, f"input paths in pushed files: {dict(list(leaks.items())[:5])}"
+
+
+@pytest.mark.slow
+def test_medtl_promote_makes_the_first_model_the_champion(project):
+    """`medtl promote` (the step the retrain flow runs) from the command line, with the project's default paths."""
+    if not (project / "dvc.lock").exists():
+        assert _dvc(project, "repro").returncode == 0
+    registry = project.parent / "promote-registry"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "promote", "--registry", str(registry)], cwd=project,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("promote: promoted"), done.stdout
+    champion = json.loads((registry / "champion.json").read_text())
+    assert champion["version"] == 1 and (registry / champion["path"] / "model.pt").is_file()
+    decision = json.loads((project / "reports/promotion.json").read_text())["decision"]
+    assert decision["promote"] is True

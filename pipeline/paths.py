@@ -1,0 +1,110 @@
+"""Where each stage's inputs and outputs live in a project: the one place their names are written.
+
+dvc.yaml names the same paths (DVC needs them literally); ``tests/test_dvc_pipeline.py`` checks
+that every path here is the one dvc.yaml gives, so the flows, the study, the CLI's defaults and
+dvc.yaml cannot drift apart. Code takes a :class:`Project` and asks it, e.g.
+``Project(repo).metrics``; nothing else spells ``"reports/metrics.json"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# relative to the project root (dvc.yaml's directory), as dvc.yaml writes them
+SYNTH_DIR = "data/raw/synth"
+INGEST_DIR = "data/interim/ingest"
+QUARANTINE_DIR = "data/quarantine/ingest"
+IMAGES_DIR = "data/processed/images"
+SPLITS_DIR = "data/processed"
+MODELS_DIR = "models"
+REPORTS_DIR = "reports"
+REGISTRY_DIR = "registry"  # promote's default (params promote.registry); outside DVC, like the quarantine
+
+# files inside the stage directories (the stages write these names)
+INGEST_SUMMARY = "summary.json"
+MANIFEST = "manifest.parquet"
+SPLITS_CSV = "splits.csv"
+MODEL = "model.pt"
+MODEL_CARD = "model_card.json"
+TRAIN_METRICS = "train_metrics.json"
+LIVE_DIR = "live"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.csv"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+PROMOTION = "promotion.json"
+CHAMPION = "champion.json"
+VAL_AUC_TSV = "live/plots/metrics/val/auc.tsv"       # dvclive's curve of val_auc (under MODELS_DIR)
+ELAPSED_TSV = "live/plots/metrics/time/elapsed_s.tsv"
+
+
+@dataclass(frozen=True)
+class Project:
+    """The paths of one project checkout (``root`` holds dvc.yaml and params.yaml)."""
+
+    root: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def ingest_dir(self) -> Path:
+        return self.root / INGEST_DIR
+
+    @property
+    def ingest_summary(self) -> Path:
+        return self.ingest_dir / INGEST_SUMMARY
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / IMAGES_DIR
+
+    @property
+    def splits_csv(self) -> Path:
+        return self.root / SPLITS_DIR / SPLITS_CSV
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / MODELS_DIR
+
+    @property
+    def model(self) -> Path:
+        return self.models_dir / MODEL
+
+    @property
+    def model_card(self) -> Path:
+        return self.models_dir / MODEL_CARD
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / REPORTS_DIR
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports_dir / METRICS
+
+    @property
+    def report_md(self) -> Path:
+        return self.reports_dir / REPORT_MD
+
+    @property
+    def promotion(self) -> Path:
+        return self.reports_dir / PROMOTION
+
+    def registry(self, configured: str = REGISTRY_DIR) -> Path:
+        """The registry directory: ``configured`` (params promote.registry) relative to the root."""
+        path = Path(configured)
+        return path if path.is_absolute() else self.root / path
+
+
+def in_project(*parts: str) -> str:
+    """A project-relative path as DVC writes it (``in_project(MODELS_DIR, TRAIN_METRICS)``)."""
+    return "/".join(parts)
