@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import csv
 import dataclasses
@@ -28,6 +29,7 @@ from pydicom.uid import (
 from pipeline import synth
 from pipeline.io_utils import content_hash
 from pipeline.params import ParamsError
+from pipeline.synth import planning, rendering, writing
 
 SEED = 7
 PATIENTS = 40  # one defect block: every defect kind and transfer syntax appears
@@ -88,7 +90,7 @@ class Cohort:
 
     def plan(self, rel: str) -> tuple[synth.PatientPlan, synth.StudyPlan]:
         parts = rel.split("/")
-        pt = synth._plan_patient(SEED, int(parts[2][3:]))
+        pt = planning.plan_patient(SEED, int(parts[2][3:]))
         return pt, pt.studies[int(parts[3][2:]) - 1]
 
 
@@ -121,6 +123,14 @@ def _along(ds: Dataset) -> float:
 
 def _hu(ds: Dataset) -> np.ndarray:
     return ds.pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def _density(ds: Dataset) -> np.ndarray:
+    """Pixels as density: HU for CT; for radiographs the stored value over its range, denser = higher."""
+    if ds.Modality == "CT":
+        return _hu(ds)
+    values = ds.pixel_array.astype(float) / ((1 << ds.BitsStored) - 1)
+    return -values if ds.PhotometricInterpretation == "MONOCHROME1" else values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,11 +269,27 @@ def test_params_constraints():
             synth.SynthParams(**bad)
 
 
+def test_the_package_exports_its_api_and_each_module_imports_only_public_names_of_those_above_it():
+    assert sorted(synth.__all__) == sorted([
+        "DEFECT_KINDS", "DICOM_DIR", "GENERATOR_VERSION", "LABELS_NAME", "LESIONS_NAME", "MARKER_FILES", "MARKER_NAME",
+        "SITES", "PatientPlan", "Site", "StudyPlan", "SynthParams", "SynthSummary", "add", "run"])
+    assert all(hasattr(synth, name) for name in synth.__all__)
+    order = ["sites", "planning", "phantoms", "rendering", "writing"]
+    package = Path(synth.__file__).parent
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted(order + ["__init__"])
+    for i, name in enumerate(order):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imports = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+                   and node.module.startswith("pipeline.synth")]
+        assert {node.module for node in imports} <= {f"pipeline.synth.{above}" for above in order[:i]}, name
+        assert not [a.name for node in imports for a in node.names if a.name.startswith("_")], name
+
+
 def test_an_interrupted_run_leaves_no_partial_files_and_is_completed(tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     synth.run(synth.SynthParams(patients=5, seed=2), reference)
     root = tmp_path / "interrupted"
-    real_write, calls = synth.atomic_write_bytes, []
+    real_write, calls = writing.atomic_write_bytes, []
 
     def killed_on_the_40th_write(path, data, **kwargs):
         calls.append(path)
@@ -272,7 +298,7 @@ def test_an_interrupted_run_leaves_no_partial_files_and_is_completed(tmp_path, m
             raise KeyboardInterrupt
         real_write(path, data, **kwargs)
 
-    monkeypatch.setattr(synth, "atomic_write_bytes", killed_on_the_40th_write)
+    monkeypatch.setattr(writing, "atomic_write_bytes", killed_on_the_40th_write)
     with pytest.raises(KeyboardInterrupt):
         synth.run(synth.SynthParams(patients=5, seed=2), root)
     monkeypatch.undo()
@@ -294,8 +320,8 @@ def test_a_resumed_run_lists_files_from_checkpoints_and_renders_only_unlisted_pa
     reference = tmp_path / "reference"
     synth.run(synth.SynthParams(patients=6, seed=2), reference)
     root = tmp_path / "interrupted"
-    monkeypatch.setattr(synth, "CHECKPOINT_FILES", 20)
-    real_write, real_render = synth.atomic_write_bytes, synth._render_patient
+    monkeypatch.setattr(writing, "CHECKPOINT_FILES", 20)
+    real_write, real_render = writing.atomic_write_bytes, writing.render_patient
     calls: list[Path] = []
 
     def killed_after_the_third_patient(path, data, **kwargs):
@@ -304,10 +330,10 @@ def test_a_resumed_run_lists_files_from_checkpoints_and_renders_only_unlisted_pa
             raise KeyboardInterrupt
         real_write(path, data, **kwargs)
 
-    monkeypatch.setattr(synth, "atomic_write_bytes", killed_after_the_third_patient)
+    monkeypatch.setattr(writing, "atomic_write_bytes", killed_after_the_third_patient)
     with pytest.raises(KeyboardInterrupt):
         synth.run(synth.SynthParams(patients=6, seed=2), root)
-    monkeypatch.setattr(synth, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(writing, "atomic_write_bytes", real_write)
     listed = _listed(root)
     disk = _on_disk(root)
     assert listed and all(disk[rel] == cid for rel, cid in listed.items()), "listed: written and with their ids"
@@ -321,7 +347,7 @@ def test_a_resumed_run_lists_files_from_checkpoints_and_renders_only_unlisted_pa
         rendered.append(pt.index)
         return real_render(pt, seed, defects)
 
-    monkeypatch.setattr(synth, "_render_patient", spy)
+    monkeypatch.setattr(writing, "render_patient", spy)
     synth.run(synth.SynthParams(patients=6, seed=2), root)
     # patients listed at a checkpoint are not rendered again; the rest are (3 had files missing)
     assert sorted(rendered) == sorted(i for i in range(6) if f"PAT{i:05d}" not in checkpointed)
@@ -411,28 +437,29 @@ def test_no_header_text_reveals_the_label(cohort):
 
 def test_fast_writer_writes_what_pydicom_writes():
     for index in range(12):
-        pt = synth._plan_patient(SEED, index)
+        pt = planning.plan_patient(SEED, index)
         for st in pt.studies:
-            for se in synth._series_of(pt, st, SEED, True):
+            for se in planning.series_of(pt, st, SEED, True):
                 for ts in sorted(EXPECTED_TS):
                     if se.kind == "sr":
                         if ts.is_compressed:
                             continue
-                        template, per, pixels = synth._sr_dataset(pt, st, se, SEED), {}, None
+                        template, per, pixels = rendering._sr_dataset(pt, st, se, SEED), {}, None
                     else:
-                        template = synth._series_template(pt, st, se, SEED)
+                        template = rendering._series_template(pt, st, se, SEED)
                         dtype = np.uint8 if template.BitsAllocated == 8 else (
                             np.int16 if template.PixelRepresentation else np.uint16)
                         arr = np.arange(template.Rows * template.Columns).reshape(template.Rows, template.Columns)
                         arr = (arr % (1 << min(template.BitsStored, 8))).astype(dtype)
-                        pixels = synth._encode(arr, ts, template.BitsStored, template.PixelRepresentation,
-                                               template.PhotometricInterpretation)
+                        pixels = rendering._encode(arr, ts, template.BitsStored, template.PixelRepresentation,
+                                                   template.PhotometricInterpretation)
                         per = {"InstanceNumber": 4}
                         if se.kind.startswith("ct"):
-                            per["ImagePositionPatient"], per["SliceLocation"] = synth._slice_position(st.ct, pt.site, 1)
-                    writer = synth._SeriesWriter(template, pt.site, template.SOPClassUID, ts)
+                            position = rendering._slice_position(st.ct, pt.site, 1)
+                            per["ImagePositionPatient"], per["SliceLocation"] = position
+                    writer = rendering._SeriesWriter(template, pt.site, template.SOPClassUID, ts)
                     for k in range(2):
-                        uid = synth._uid(SEED, "test", index, st.index, se.index, k)
+                        uid = planning.synth_uid(SEED, "test", index, st.index, se.index, k)
                         fast, _ = writer.instance(uid, per, pixels)
                         ds = Dataset(dict(template._dict))
                         ds.SOPInstanceUID = uid
@@ -440,7 +467,7 @@ def test_fast_writer_writes_what_pydicom_writes():
                             setattr(ds, key, value)
                         if pixels is not None:
                             ds.add_new(0x7FE00010, pixels[1], pixels[0])
-                        ds.file_meta = synth._file_meta(template.SOPClassUID, uid, ts, pt.site)
+                        ds.file_meta = rendering._file_meta(template.SOPClassUID, uid, ts, pt.site)
                         buffer = io.BytesIO()
                         ds.save_as(buffer, enforce_file_format=True)
                         assert buffer.getvalue() == fast, (index, se.kind, ts.name)
@@ -464,7 +491,7 @@ def test_transfer_syntaxes_and_every_image_decodes(cohort):
         lo, hi = (-(1 << (ds.BitsStored - 1)), (1 << (ds.BitsStored - 1)) - 1) if ds.PixelRepresentation else (
             0, (1 << ds.BitsStored) - 1)
         assert lo <= arr.min() and arr.max() <= hi, rel
-    truncated = [f"{synth.DICOM_DIR}/{pt.site.folder}/{ex.rel}" for pt in map(lambda i: synth._plan_patient(SEED, i),
+    truncated = [f"{synth.DICOM_DIR}/{pt.site.folder}/{ex.rel}" for pt in map(lambda i: planning.plan_patient(SEED, i),
                                                                               range(PATIENTS))
                  for ex in pt.extras if ex.kind == "truncated"]
     assert sorted(failed) == sorted(truncated) and len(truncated) == 1
@@ -533,16 +560,10 @@ def test_lesion_sidecar_points_at_the_nodule_in_every_view(clean):
     for r in rows:
         ds = by_sop[r["sop_instance_uid"]]
         radius = float(r["radius_px"])
-        if ds.Modality == "CT":
-            if radius < 1.2:  # the sphere's cap on an outer slice: partial volume only
-                continue
-            values = _hu(ds)
-        else:
-            values = ds.pixel_array.astype(float) / ((1 << ds.BitsStored) - 1)
-            if ds.PhotometricInterpretation == "MONOCHROME1":
-                values = -values
+        if ds.Modality == "CT" and radius < 1.2:  # the sphere's cap on an outer slice: partial volume only
+            continue
         group = "CT" if ds.Modality == "CT" else "XR"
-        contrast[group].append(_centre_contrast(values, float(r["row"]), float(r["col"]), radius))
+        contrast[group].append(_centre_contrast(_density(ds), float(r["row"]), float(r["col"]), radius))
     assert len(contrast["CT"]) >= 5 and len(contrast["XR"]) >= 3
     assert np.mean(np.array(contrast["CT"]) > 150) >= 0.85, contrast["CT"]  # HU above the lung (partial-volume caps aside)
     assert np.mean(np.array(contrast["XR"]) > 0) >= 0.8, contrast["XR"]
@@ -584,13 +605,14 @@ def test_ct_series_geometry(clean):
 def test_ct_hu_for_every_storage_variant_and_lesion_in_the_middle_slice(clean):
     variants = set()
     lesions = 0
+    truth = {r["sop_instance_uid"]: r for r in _lesion_rows(clean.root)}
+    labels = {r["study_instance_uid"]: r["label"] for r in _labels(clean.root)}
     for slices in _series(clean, CT_STORAGE).values():
         ds0 = slices[0][1]
         variants.add((int(ds0.PixelRepresentation), int(ds0.BitsStored), float(ds0.RescaleSlope),
                       float(ds0.RescaleIntercept)))
         ordered = [ds for _, ds in sorted(slices, key=lambda item: _along(item[1]))]
         hu = np.stack([_hu(ds) for ds in ordered])
-        pt, st = clean.plan(slices[0][0])
         corners = np.concatenate([hu[:, :3, :3].ravel(), hu[:, :3, -3:].ravel()])  # air in front of the patient
         assert np.median(corners) == pytest.approx(-1000, abs=30)
         lungs = hu[(hu > -960) & (hu < -650)]  # aerated lung: a good share of the slab
@@ -599,22 +621,95 @@ def test_ct_hu_for_every_storage_variant_and_lesion_in_the_middle_slice(clean):
         assert lung == pytest.approx(-860, abs=70)
         assert np.std(lungs) > 20  # textured parenchyma, not a flat fill
         assert np.mean(hu > -200) > 0.15  # soft tissue, fat, bone
-        if st.lesion is None:
+        if labels[ds0.StudyInstanceUID] != "lesion":
+            assert not [ds for ds in ordered if ds.SOPInstanceUID in truth]
             continue
         lesions += 1
-        ps = float(ds0.PixelSpacing[0])
-        col = int(round(st.lesion.x / ps + (ds0.Columns - 1) / 2))
-        row = int(round(st.lesion.y / ps + (ds0.Rows - 1) / 2))
         n = len(ordered)
-        window = (slice(row - 1, row + 2), slice(col - 1, col + 2))
-        for middle in {(n - 1) // 2, n // 2}:  # both middle slices by position
+        for middle in {(n - 1) // 2, n // 2}:  # both middle slices by position cut through the nodule
+            r = truth[ordered[middle].SOPInstanceUID]
+            row, col = round(float(r["row"])), round(float(r["col"]))
+            window = (slice(row - 1, row + 2), slice(col - 1, col + 2))
             assert hu[middle][window].max() - lung > 200
-        assert hu.max(axis=0)[window].max() - lung > 250  # and in a MIP over the slab
+            assert hu.max(axis=0)[window].max() - lung > 250  # and a MIP over the slab shows it
+        pt, st = clean.plan(slices[0][0])
         assert -550 <= st.lesion.strength <= 60 and 4 <= st.lesion.radius <= 20
         # centre within the central 20 % of the slice range (z: mm from the slab midpoint)
         assert abs(st.lesion.z) <= 0.1 * (n - 1) * float(ds0.SpacingBetweenSlices)
     assert variants == {(1, 16, 1.0, 0.0), (0, 12, 1.0, -1024.0), (1, 16, 1.0, -1024.0), (0, 16, 0.5, -1024.0)}
     assert lesions >= 3
+
+
+# patients of seed 7 whose studies are all lesion studies: 2 (site D: a solid CT nodule in both
+# kernels; DX PA and lateral), 3 (site B: CR, MONOCHROME1), 23 (site A: a ground-glass CT nodule partly
+# over a vessel, in both kernels; DX PA and lateral)
+@pytest.mark.parametrize("index", [2, 3, 23])
+def test_the_rendered_nodule_is_where_lesions_csv_says_and_nothing_else_differs_from_a_normal_study(clean, index):
+    """The renderer itself against the ground truth: a patient rendered as planned and again with its
+    nodules taken out (the normal studies they would otherwise be) differ only in the pixels of a
+    compact dense blob centred on the lesions.csv position; the normal version has air-like lung
+    there; headers are identical."""
+    pt = planning.plan_patient(SEED, index)
+    normal = copy.deepcopy(pt)
+    for st in normal.studies:
+        st.lesion = None
+    rendered = rendering.render_patient(pt, SEED, False)
+    site_dir = clean.root / synth.DICOM_DIR / pt.site.folder
+    assert all((site_dir / rel).read_bytes() == data for rel, data in rendered.items()), "what the cohort holds"
+    with_lesion = {rel: pydicom.dcmread(io.BytesIO(data)) for rel, data in rendered.items()}
+    without = {rel: pydicom.dcmread(io.BytesIO(data))
+               for rel, data in rendering.render_patient(normal, SEED, False).items()}
+    assert with_lesion.keys() == without.keys()
+    truth = {r["sop_instance_uid"]: r for r in _lesion_rows(clean.root)}
+    series: dict[str, list[str]] = defaultdict(list)
+    for rel, ds in with_lesion.items():
+        series[ds.SeriesInstanceUID].append(rel)
+    lesion_series = Counter()
+    for rels in series.values():
+        ct = with_lesion[rels[0]].Modality == "CT"
+        if ct:
+            rels = sorted(rels, key=lambda rel: _along(with_lesion[rel]))
+        pairs = [(_density(with_lesion[rel]), _density(without[rel])) for rel in rels]
+        for rel in rels:  # nothing but the pixels depends on the label
+            a, b = with_lesion[rel], without[rel]
+            del a.PixelData, b.PixelData
+            assert a == b and a.file_meta == b.file_meta, rel
+        listed = [truth.get(with_lesion[rel].SOPInstanceUID) for rel in rels]
+        changed = [k for k, (a, b) in enumerate(pairs) if not np.array_equal(a, b)]
+        shown = [k for k, r in enumerate(listed) if r]
+        assert shown and changed, "every study of these patients is a lesion study"
+        lesion_series["CT" if ct else "XR"] += 1
+        row, col = float(listed[shown[0]]["row"]), float(listed[shown[0]]["col"])
+        assert all((float(listed[k]["row"]), float(listed[k]["col"])) == (row, col) for k in shown)  # one centre
+        shape = pairs[0][0].shape
+        dist = np.hypot(*np.meshgrid(np.arange(shape[0]) - row, np.arange(shape[1]) - col, indexing="ij"))
+        # lobulation (<= 18 %), partial volume and the reconstruction / detector blur stay within this reach
+        far = dist > 1.2 * max(float(listed[k]["radius_px"]) for k in shown) + 4
+        nodule, lung = [], []
+        weight = np.zeros(shape)  # of the blob: what the nodule changed, near it
+        for k in shown:
+            (a, b), radius = pairs[k], float(listed[k]["radius_px"])
+            diff = a - b
+            centre = dist <= max(0.5 * radius, 0.75)
+            if ct:
+                assert not diff[far].any()  # not one voxel away from the nodule changes
+                nodule.append(a[centre].mean())
+                lung.append(b[centre].mean())
+                weight += np.abs(diff) * ~far  # a ground-glass nodule over a vessel lowers HU there
+            else:
+                assert diff[centre].mean() > 0.05
+                assert np.abs(diff[far]).max() < 0.25 * diff[centre].mean()  # unsharp masking: a faint halo only
+                weight += np.clip(diff, 0, None) * ~far
+        centroid = [np.sum(weight * ax) / weight.sum() for ax in np.indices(shape)]
+        assert np.hypot(centroid[0] - row, centroid[1] - col) < 0.6  # pixels (measured: <= 0.4)
+        if ct:
+            # the listed slices are a run by position; only a slice next to it may show a partial-volume cap
+            assert shown == list(range(shown[0], shown[-1] + 1)) and set(shown) <= set(changed)
+            assert shown[0] - 1 <= changed[0] and changed[-1] <= shown[-1] + 1
+            assert np.median(lung) < -550  # the normal study: air-like lung where the nodule would be
+            assert np.median(nodule) - np.median(lung) > 200  # the lesion study: a dense nodule
+            assert np.mean(np.array(nodule) > np.array(lung) + 100) >= 0.7  # in most slices (vessels aside)
+    assert set(lesion_series) == ({"XR"} if index == 3 else {"CT", "XR"})
 
 
 # --------------------------------------------------------------------------------------------------
