@@ -158,36 +158,26 @@ def identifiers(ds: Dataset) -> frozenset[str]:
     in memory, to blank a kept value that repeats one of them.
     """
     tokens: set[str] = set()
-    encodings = _encodings(ds)
-    _collect(ds, set(_IDENTIFIER_TAGS), tokens, encodings)
-
-    def nested(dataset: Dataset, depth: int) -> None:
-        for tag in dataset.keys():
-            raw = dataset.get_item(tag)
-            vr = getattr(raw, "VR", None) or _dictionary_vr(tag)
-            if vr != "SQ" or depth >= _NESTED_PN_DEPTH:
-                continue
-            try:
-                items = dataset[tag].value or []
-            except Exception:  # noqa: BLE001 - an unparsable sequence is dropped by the rebuild anyway
-                continue
-            for item in items:
-                if isinstance(item, Dataset):
-                    _collect(item, set(), tokens, encodings)
-                    nested(item, depth + 1)
-
-    if any((getattr(ds.get_item(tag), "VR", None) or _dictionary_vr(tag)) == "SQ" for tag in ds.keys()):
-        nested(ds, 0)
+    _collect(ds, set(_IDENTIFIER_TAGS), tokens, _encodings(ds), 0)
     return frozenset(tokens)
 
 
-def _collect(ds: Dataset, tags: set, tokens: set[str], encodings: list[str]) -> None:
-    """Add the identifier tokens of ``tags`` and of every PN element of ``ds`` (one level) to ``tokens``."""
+def _collect(ds: Dataset, tags: set, tokens: set[str], encodings: list[str], depth: int) -> None:
+    """Add the tokens of ``tags`` and of every PN element of ``ds`` to ``tokens``, then those of its
+    sequences' items (one pass over each dataset's elements)."""
     for tag in ds.keys():
         raw = ds.get_item(tag)
         vr = getattr(raw, "VR", None) or _dictionary_vr(tag)
         if vr == "PN":
             tags.add(tag)
+        elif vr == "SQ" and depth < _NESTED_PN_DEPTH:
+            try:
+                items = ds[tag].value or []
+            except Exception:  # noqa: BLE001 - an unparsable sequence is dropped by the rebuild anyway
+                continue
+            for item in items:
+                if isinstance(item, Dataset):
+                    _collect(item, set(), tokens, encodings, depth + 1)
     for tag in tags:
         raw = ds.get_item(tag) if tag in ds else None
         if raw is None or not raw.value:

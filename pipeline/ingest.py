@@ -60,7 +60,7 @@ from pipeline.fanout import FanoutParams, map_ordered
 from pipeline.io_utils import (atomic_write_bytes, atomic_write_text, content_hash, csv_text, is_temp_name,
                                remove_stale_temps)
 from pipeline.params import param
-from pipeline.sources import BAD_NAME, MB, SPECIAL_FILE, SYMLINK, TOO_LARGE, UNREADABLE, Entry, Source  # noqa: F401
+from pipeline.sources import BAD_NAME, MB, SPECIAL_FILE, SYMLINK, TOO_LARGE, UNREADABLE, Source
 from pipeline.sources.folder import FolderSource
 
 log = logging.getLogger(__name__)
@@ -896,7 +896,7 @@ def _refuse_inside(source: Source, input_name: str, **outputs: Path | None) -> N
 
 def run(
     params: IngestParams,
-    input_dir: Path,
+    input_dir: Path | Source,
     labels_csv: Path,
     out_dir: Path,
     quarantine_dir: Path | None = None,
@@ -909,7 +909,8 @@ def run(
 
     Args:
         params: the ``ingest`` params.
-        input_dir: the raw export (PHI inside; never pushed).
+        input_dir: the raw export (PHI inside; never pushed): a folder, or any
+            :class:`~pipeline.sources.Source`.
         labels_csv: labels by one key column (see :func:`read_labels`).
         out_dir: stage output (a DVC ``persist`` output: it holds the cache that makes reruns incremental).
         quarantine_dir: where rejected files are linked with their reasons (None: not done). Keep it out
@@ -933,15 +934,14 @@ def run(
     started = time.perf_counter()
     source = FolderSource(Path(input_dir)) if isinstance(input_dir, (str, os.PathLike)) else input_dir
     out_dir = Path(out_dir)
-    if isinstance(source, FolderSource):
-        source.check()
+    source.check()
     _refuse_inside(source, str(input_dir), output=out_dir, quarantine=quarantine_dir)
-    demo_possible = key is None or (key.secret if isinstance(key, keys.SiteKey) else bytes(key)) == keys.DEMO_KEY
-    synthetic = source.synthetic_files() if demo_possible else frozenset()
-    if key is None:
+    secret = None if key is None else key.secret if isinstance(key, keys.SiteKey) else bytes(key)
+    synthetic = source.synthetic_files() if secret in (None, keys.DEMO_KEY) else frozenset()
+    if secret is None:
         key = keys.resolve_key(demo_allowed=bool(synthetic))
         log.info("pseudonymisation key from %s", key.source)
-    secret = key.secret if isinstance(key, keys.SiteKey) else bytes(key)
+        secret = key.secret
     demo = secret == keys.DEMO_KEY
     pseudo = deid.Pseudonymizer(secret)
     labels = read_labels(labels_csv, pseudo)

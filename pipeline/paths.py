@@ -1,8 +1,8 @@
 """Where each stage's inputs and outputs live in a project: the one place their names are written.
 
 dvc.yaml names the same paths (DVC needs them literally); ``tests/test_dvc_pipeline.py`` checks
-that every path here is the one dvc.yaml gives, so the flows, the study, the CLI's defaults and
-dvc.yaml cannot drift apart. Code takes a :class:`Project` and asks it, e.g.
+that every stage path here is one dvc.yaml gives (or lies inside one), so the flows, the study, the
+CLI's defaults and dvc.yaml cannot drift apart. Code takes a :class:`Project` and asks it, e.g.
 ``Project(repo).metrics``; nothing else spells ``"reports/metrics.json"``.
 """
 
@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # relative to the project root (dvc.yaml's directory), as dvc.yaml writes them
-SYNTH_DIR = "data/raw/synth"
 INGEST_DIR = "data/interim/ingest"
-QUARANTINE_DIR = "data/quarantine/ingest"
 IMAGES_DIR = "data/processed/images"
 SPLITS_DIR = "data/processed"
 MODELS_DIR = "models"
@@ -23,12 +21,10 @@ REGISTRY_DIR = "registry"  # promote's default (params promote.registry); outsid
 
 # files inside the stage directories (the stages write these names)
 INGEST_SUMMARY = "summary.json"
-MANIFEST = "manifest.parquet"
 SPLITS_CSV = "splits.csv"
 MODEL = "model.pt"
 MODEL_CARD = "model_card.json"
 TRAIN_METRICS = "train_metrics.json"
-LIVE_DIR = "live"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.csv"
 REPORT_MD = "report.md"
@@ -47,9 +43,6 @@ class Project:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
-
-    def path(self, relative: str) -> Path:
-        return self.root / relative
 
     @property
     def params(self) -> Path:
@@ -80,10 +73,6 @@ class Project:
         return self.models_dir / MODEL
 
     @property
-    def model_card(self) -> Path:
-        return self.models_dir / MODEL_CARD
-
-    @property
     def reports_dir(self) -> Path:
         return self.root / REPORTS_DIR
 
@@ -94,10 +83,6 @@ class Project:
     @property
     def report_md(self) -> Path:
         return self.reports_dir / REPORT_MD
-
-    @property
-    def promotion(self) -> Path:
-        return self.reports_dir / PROMOTION
 
     def registry(self, configured: str = REGISTRY_DIR) -> Path:
         """The registry directory: ``configured`` (params promote.registry) relative to the root."""

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline import paths
 from pipeline.dvc_cli import run_dvc
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 from pipeline.errors import MedtlError
@@ -65,10 +66,12 @@ RUN_KEYS = ("model.pretrained", "train.strategy", "train.fraction", "train.fract
 #: stages every run shares (data in, patients split): brought up to date in the workspace before queueing
 PREPARE_TARGET = "split"
 #: files read from each experiment's git commit (DVC ``cache: false`` outputs, committed by ``dvc exp``)
-EXP_FILES = {"metrics": "reports/metrics.json", "train": "models/train_metrics.json",
-             "val_auc": "models/live/plots/metrics/val/auc.tsv",
-             "elapsed": "models/live/plots/metrics/time/elapsed_s.tsv"}
-PREDICTIONS = "reports/predictions.csv"  # a cached DVC output: read from the DVC cache by its dvc.lock hash
+EXP_FILES = {"metrics": paths.in_project(paths.REPORTS_DIR, paths.METRICS),
+             "train": paths.in_project(paths.MODELS_DIR, paths.TRAIN_METRICS),
+             "val_auc": paths.in_project(paths.MODELS_DIR, paths.VAL_AUC_TSV),
+             "elapsed": paths.in_project(paths.MODELS_DIR, paths.ELAPSED_TSV)}
+#: a cached DVC output: read from the DVC cache by its dvc.lock hash
+PREDICTIONS = paths.in_project(paths.REPORTS_DIR, paths.PREDICTIONS)
 #: DVC's run-cache key drops every param of these names (dvc.stage.cache hashes the stage with
 #: ``exclude=["size", "nfiles"]``, meant for file sizes), so ``-S preprocess.size=112`` could restore
 #: the tensors of another size; runs that override such a param are queued with ``--no-run-cache``

@@ -135,3 +135,29 @@ def test_medtl_promote_makes_the_first_model_the_champion(project):
     assert champion["version"] == 1 and (registry / champion["path"] / "model.pt").is_file()
     decision = json.loads((project / "reports/promotion.json").read_text())["decision"]
     assert decision["promote"] is True
+
+
+def test_every_stage_path_of_pipeline_paths_is_one_dvc_yaml_declares():
+    """pipeline/paths.py and dvc.yaml name the same outputs: a stage output renamed in one only fails here."""
+    from pipeline import paths
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    declared = set()
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "deps"):
+            for item in stage.get(kind, []):
+                declared.add(next(iter(item)) if isinstance(item, dict) else item)
+    join = paths.in_project
+    stage_paths = [join(paths.INGEST_DIR, paths.INGEST_SUMMARY), paths.IMAGES_DIR,
+                   join(paths.SPLITS_DIR, paths.SPLITS_CSV), join(paths.MODELS_DIR, paths.MODEL),
+                   join(paths.MODELS_DIR, paths.MODEL_CARD), join(paths.MODELS_DIR, paths.TRAIN_METRICS),
+                   join(paths.MODELS_DIR, paths.VAL_AUC_TSV), join(paths.MODELS_DIR, paths.ELAPSED_TSV),
+                   join(paths.REPORTS_DIR, paths.METRICS), join(paths.REPORTS_DIR, paths.PREDICTIONS),
+                   join(paths.REPORTS_DIR, paths.REPORT_MD), join(paths.REPORTS_DIR, paths.REPORT_HTML)]
+    def related(p: str, d: str) -> bool:  # the same, inside a declared directory, or the folder of declared files
+        return p == d or p.startswith(d.rstrip("/") + "/") or d.startswith(p + "/")
+
+    undeclared = [p for p in stage_paths if not any(related(p, d) for d in declared)]
+    assert not undeclared, f"in pipeline/paths.py but not in dvc.yaml: {undeclared}"
+    # the registry and promotion record are written by promote, outside DVC: never a stage output
+    assert not {join(paths.REPORTS_DIR, paths.PROMOTION), paths.REGISTRY_DIR} & declared

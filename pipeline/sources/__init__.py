@@ -48,6 +48,10 @@ class Source(Protocol):
     """What ingest needs from where its files come from. Implementations must be picklable (ingest's
     worker processes read through them)."""
 
+    def check(self) -> None:
+        """Raise a one-line :class:`~pipeline.errors.MedtlError` if the source cannot be used at all."""
+        ...
+
     def entries(self, skip: tuple[Path, ...] = ()) -> list[Entry]:
         """Every item, sorted by id, each once; ``skip``: files of the source that are not inputs
         (the labels and lesion sidecars when they sit inside it)."""
