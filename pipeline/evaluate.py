@@ -212,7 +212,7 @@ def _localisation(model: torch.nn.Module, backbone: str, test: pd.DataFrame, gro
 
     Args:
         model: the classifier; Grad-CAM explains its positive-class (index 1) score.
-        backbone: picks the layer (:data:`pipeline.report.GRADCAM_LAYERS`).
+        backbone: picks the layer (the registry entry's ``gradcam_layer``).
         test: the test frame with ``row``, ``patient_key``, ``y_true`` and ``predicted`` (at the threshold).
         ground_truth: the lesions table (tensor rows, centres and radii in tensor pixels).
         tensors: (N, 3, H, W) images that ``row`` indexes.
@@ -231,7 +231,7 @@ def _localisation(model: torch.nn.Module, backbone: str, test: pd.DataFrame, gro
     near = lesions.hits(maps, rows, ground_truth, tolerance_px=stride / 2)
     pointing = lesions.hit_rate(near, scored["patient_key"].to_numpy(), n_boot=params.n_boot, seed=params.seed,
                                 alpha=alpha)
-    found.update(n_true_positives=len(true_positive), layer=report.GRADCAM_LAYERS[backbone],
+    found.update(n_true_positives=len(true_positive), layer=models.backbone(backbone).gradcam_layer,
                  pointing_game={"tolerance_px": stride / 2, "layer_stride_px": stride,
                                 **{k: pointing[k] for k in ("hit_rate", "ci_low", "ci_high", "n_hits")}})
     log.info("localisation: Grad-CAM maximum inside the lesion on %d of %d true positives with ground truth (of %d)",

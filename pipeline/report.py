@@ -39,29 +39,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 from PIL import Image
 
+from pipeline import models
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 from pipeline.lesions import peaks as map_peaks
 
 log = logging.getLogger(__name__)
 
-#: Grad-CAM target layer per backbone, as named by ``Classifier.named_modules()``: the one place to change it.
-#: EfficientNet: the output of stage 5 (``net._blocks.4``, the last stride-16 stage: 10 x 10 at 160 px).
-#: The head (``net._bn1``, stride 32) upsamples to a 32-px grid, coarser than the synthetic nodules (radius
-#: ~4 px at 160 px). Measured on the 200-patient demo's fine-tuned lite0 (test AUC 0.892), Grad-CAM maximum
-#: inside the lesion on the 26 test true positives: net._bn1 0/26, net._blocks.3 4/26, net._blocks.4 6/26,
-#: net._blocks.2 (stride 8) 8/26 [0.12, 0.54]; over all 193 images with ground truth (any split) _blocks.4
-#: was best (35/193 against 27 and 22) with its maxima a median 10 px from the centre (51-52 px for stages
-#: 3 and 2). efficientnet-b0 has the same stage layout and follows lite0 (not measured separately).
-#: The activation after ``net._bn1``, ``net._swish``, is one module reused by the stem: never hook it.
-#: DenseNet: the ReLU after ``norm5`` (not re-measured); hooking ``norm5`` itself fails because that ReLU
-#: then modifies the hooked output in place.
-GRADCAM_LAYERS: dict[str, str] = {
-    "efficientnet-lite0": "net._blocks.4",
-    "efficientnet-b0": "net._blocks.4",
-    "densenet121": "net.class_layers.relu",
-    "densenet169": "net.class_layers.relu",
-    "densenet201": "net.class_layers.relu",
-}
 DPI = 110
 GRADCAM_BATCH = 8
 FLAT_TOLERANCE = 1e-4
@@ -95,7 +78,7 @@ def gradcam(model: torch.nn.Module, backbone: str, images: torch.Tensor, class_i
 
     Args:
         model: a :class:`pipeline.models.Classifier` of ``backbone``.
-        backbone: a key of :data:`GRADCAM_LAYERS`.
+        backbone: a :data:`pipeline.models.REGISTRY` name; its entry's ``gradcam_layer`` is explained.
         images: (N, 3, H, W) float in [0, 1], any float dtype and device.
         class_index: the class whose logit is explained.
 
@@ -103,15 +86,14 @@ def gradcam(model: torch.nn.Module, backbone: str, images: torch.Tensor, class_i
         (N, H, W) float32 maps in [0, 1] at the input resolution.
 
     Raises:
-        ValueError: for a backbone without a known Grad-CAM layer.
+        ValueError: for an unknown backbone.
     """
-    if backbone not in GRADCAM_LAYERS:
-        raise ValueError(f"no Grad-CAM layer known for backbone {backbone!r}; known: {', '.join(GRADCAM_LAYERS)}")
     from monai.visualize import GradCAM
 
+    layer = models.backbone(backbone).gradcam_layer
     probe = copy.deepcopy(model).eval()
     device = next(probe.parameters()).device
-    cam = GradCAM(probe, GRADCAM_LAYERS[backbone], postprocessing=_unit_range)
+    cam = GradCAM(probe, layer, postprocessing=_unit_range)
     maps = [np.zeros((0, *images.shape[2:]), np.float32)]
     with torch.enable_grad():
         for start in range(0, len(images), GRADCAM_BATCH):
@@ -152,7 +134,7 @@ def build_report(out_dir: Path, *, metrics: dict, predictions: pd.DataFrame, his
             training figure.
         card: the train stage's model card ({} if there is none).
         model: the trained classifier (any device).
-        backbone: its backbone name (a key of :data:`GRADCAM_LAYERS`).
+        backbone: its backbone name (a :data:`pipeline.models.REGISTRY` name).
         tensors: (N, 3, H, W) images in [0, 1] (float16, possibly a memmap) that ``row`` indexes.
         n_examples: Grad-CAM examples per category.
         lesions: ground truth in tensor pixels (``row``, ``centre_row``, ``centre_col``, ``radius_px``; see
@@ -202,7 +184,7 @@ def build_report(out_dir: Path, *, metrics: dict, predictions: pd.DataFrame, his
         paths[name] = figures_dir / f"{name}.png"
         png[f"figures/{name}.png"] = _png(figure)
         atomic_write_bytes(paths[name], png[f"figures/{name}.png"])
-    sidecar = {"class": positive, "layer": GRADCAM_LAYERS[backbone],
+    sidecar = {"class": positive, "layer": models.backbone(backbone).gradcam_layer,
                "examples": {key: [{"image_id": r.image_id, "patient_key": r.patient_key, "score": float(r.score)}
                                   for r in examples[key].itertuples()] for key, _, _ in CATEGORIES}}
     paths["gradcam_examples"] = figures_dir / "gradcam_examples.json"
@@ -421,7 +403,7 @@ def _markdown(title: str, metrics: dict, negative: str, positive: str, history: 
     lines += ["## Grad-CAM examples", "",
               "*Grad-CAM shows where the model looked, not why it decided: a plausible map is not evidence "
               "that a prediction is right.*", "",
-              f"Heat maps of the **{_cell(positive)}** score from layer `{GRADCAM_LAYERS[backbone]}`, "
+              f"Heat maps of the **{_cell(positive)}** score from layer `{models.backbone(backbone).gradcam_layer}`, "
               "over the image's channel mean; captions give the image id prefix and the score.", ""]
     lines += _localisation_text(test.get("localisation"), level)
     for key, name, ranking in CATEGORIES:
@@ -459,7 +441,7 @@ def _pointing_text(game: dict | None, level: str) -> list[str]:
 
 def gradcam_stride(model: torch.nn.Module, backbone: str, image_shape: tuple[int, ...]) -> float:
     """Input pixels per cell of the Grad-CAM layer's feature map, for an (H, W) input (H used)."""
-    layer = model.get_submodule(GRADCAM_LAYERS[backbone])
+    layer = model.get_submodule(models.backbone(backbone).gradcam_layer)
     seen: list[tuple[int, ...]] = []
     handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
     try:

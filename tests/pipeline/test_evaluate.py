@@ -179,7 +179,7 @@ def test_localisation_counts_every_true_positive_and_changes_no_other_metric(eva
     assert set(true_positive["image_id"]) <= set(positives["image_id"])
     assert found["n_hits"] == int((true_positive["row"] % 2 == 0).sum())
     assert found["hit_rate"] == pytest.approx((true_positive["row"] % 2 == 0).mean())
-    assert found["layer"] == report.GRADCAM_LAYERS["efficientnet-lite0"]
+    assert found["layer"] == models.backbone("efficientnet-lite0").gradcam_layer
 
 
 def test_localisation_on_a_constructed_test_split(monkeypatch):

@@ -140,3 +140,17 @@ def test_a_saved_model_rebuilds_identically(tmp_path):
 def test_unknown_backbone_lists_the_choices():
     with pytest.raises(ValueError, match="densenet121"):
         models.build_model(models.ModelParams(backbone="resnet9000"), num_classes=2)
+
+
+def test_every_registry_entry_is_complete_and_the_choices_name_exactly_the_registry():
+    """One entry says everything about a backbone: ``model.backbone``'s choices, the weights' download source
+    (MONAI's own URL for EfficientNet-B0), the Grad-CAM layer (an existing module, not the head)."""
+    from monai.networks.nets.efficientnet import url_map
+
+    assert models.BACKBONES == tuple(models.REGISTRY)
+    assert models.backbone("efficientnet-b0").url == url_map["efficientnet-b0"]
+    for name, spec in models.REGISTRY.items():
+        assert spec.name == name and spec.file_name
+        model, _ = models.build_model(models.ModelParams(backbone=name, pretrained="none"), num_classes=2)
+        layer = model.get_submodule(spec.gradcam_layer)
+        assert not any(p is q for p in layer.parameters() for q in models.head_parameters(model, name)), name

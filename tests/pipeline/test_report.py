@@ -179,7 +179,7 @@ def test_gradcam_hot_spots_are_the_highest_raw_values_and_flat_maps_are_zero(mod
     from monai.visualize import GradCAM
 
     x = torch.rand(2, 3, 64, 64)
-    raw = GradCAM(copy.deepcopy(model), report.GRADCAM_LAYERS["efficientnet-lite0"], postprocessing=lambda m: m)
+    raw = GradCAM(copy.deepcopy(model), models.backbone("efficientnet-lite0").gradcam_layer, postprocessing=lambda m: m)
     raw = raw(x, class_idx=1)[:, 0].detach().numpy()
     low, high = raw.min((1, 2), keepdims=True), raw.max((1, 2), keepdims=True)
     maps = report.gradcam(model, "efficientnet-lite0", x, class_index=1)
@@ -201,7 +201,7 @@ def test_ground_truth_circles_and_the_hit_rate_sit_beside_the_overlays(model, te
     result = make_metrics(predictions)
     result["test"]["localisation"] = {"hit_rate": 0.75, "ci_low": 0.25, "ci_high": 1.0, "n_images": 4, "n_hits": 3,
                                       "n_patients": 3, "n_true_positives": 4, "ci_method": "patient bootstrap",
-                                      "layer": report.GRADCAM_LAYERS["efficientnet-lite0"]}
+                                      "layer": models.backbone("efficientnet-lite0").gradcam_layer}
     truth = pd.DataFrame({"row": predictions["row"], "image_id": predictions["image_id"], "centre_row": 10.0,
                           "centre_col": 20.0, "radius_px": 5.0})
     paths = report.build_report(tmp_path, metrics=result, predictions=predictions, history=HISTORY, card=CARD,
@@ -219,5 +219,5 @@ def test_gradcam_stride_is_the_layer_grid_of_the_input():
     from pipeline import models, report
 
     model, _ = models.build_model(models.ModelParams(pretrained="none"), num_classes=2)
-    assert report.GRADCAM_LAYERS["efficientnet-lite0"] == "net._blocks.4"
+    assert models.backbone("efficientnet-lite0").gradcam_layer == "net._blocks.4"
     assert report.gradcam_stride(model, "efficientnet-lite0", (160, 160)) == 16.0
