@@ -670,7 +670,7 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
     if scratch:
         # A fair baseline: MONAI's random init gives logits of SD ~9 in training mode (a first loss of
         # 5-10); start the head near uniform, as a pretrained model's new head does.
-        models._init_head(model.net, models.backbone(model_params.backbone))
+        models.init_head(model.net, models.backbone(model_params.backbone))
     stages = models.backbone_stages(model, model_params.backbone)
     head = models.head_parameters(model, model_params.backbone)
     head_ids = {id(p) for p in head}
