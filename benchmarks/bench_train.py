@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import device as device_mod  # noqa: E402
 from pipeline import models, train  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def bound(params: train.TrainParams, backbone: str, size: int, device: torch.dev
     """Images/s of optimiser steps on a device-resident batch."""
     model, _ = models.build_model(models.ModelParams(backbone=backbone, pretrained="none"), len(params.classes))
     model.to(device).train()
-    dtype = train.amp_dtype(params, device)
+    dtype = device_mod.amp_dtype(params.amp, device)
     x = torch.rand(params.batch_size, 3, size, size, device=device)
     y = torch.randint(0, 2, (params.batch_size,), device=device)
     if params.channels_last:
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=-1)
+    parser.add_argument("--workers", type=int, default=0, help="0 = automatic, 1 = in the training process")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/out"))
@@ -96,8 +97,8 @@ def main() -> None:
     params = train.TrainParams(epochs=args.epochs, batch_size=args.batch_size, patience=0, workers=args.workers,
                                device=args.device, compile=args.compile,
                                augment=train.TrainParams().augment | {"DX": {"flip": False}, "CR": {"flip": False}})
-    _, device = train.init_distributed(args.device)
-    name = train._device_name(device)
+    _, device = device_mod.init_distributed(args.device)
+    name = device_mod.device_name(device)
     results = {"device": name, "images": args.images, "size": args.size, "batch_size": args.batch_size, "runs": []}
     print("| backbone | device | AMP | pipeline images/s | bound images/s | pipeline / bound | peak GPU memory |")
     print("|---|---|---|---|---|---|---|")
@@ -111,7 +112,7 @@ def main() -> None:
         history = torch.load(out / "checkpoints/last.pt", map_location="cpu", weights_only=False)["history"]
         rate = float(np.mean([h["train_images_per_s"] for h in history[1:]] or [history[0]["train_images_per_s"]]))
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        amp = str(train.amp_dtype(params, device)).removeprefix("torch.") if train.amp_dtype(params, device) else "off"
+        amp = str(device_mod.amp_dtype(params.amp, device)).removeprefix("torch.") if device_mod.amp_dtype(params.amp, device) else "off"
         run = {"backbone": backbone, "amp": amp, "pipeline_images_per_s": rate, "bound_images_per_s": upper,
                "ratio": rate / upper, "peak_gpu_memory_gib": memory}
         results["runs"].append(run)

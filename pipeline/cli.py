@@ -316,14 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "label (params data.lesions; default or 'none': none)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quarantine", help="directory to link rejected files into (keep it out of DVC outputs)")
-    p.add_argument("--workers", type=int, help="processes (params ingest.workers; 0 = all cores)")
+    p.add_argument("--workers", type=int, help="processes (params ingest.workers; 0 = automatic: one per core, 1 = this process)")
     p.add_argument("--runner", choices=RUNNERS, help="where per-file work runs (params fanout.runner)")
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("preprocess", help="turn ingested images into fixed-size tensors + index + fingerprint")
     p.add_argument("--ingest", required=True, help="ingest output directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--workers", type=int, help="processes (params preprocess.workers; 0 = all cores)")
+    p.add_argument("--workers", type=int, help="processes (params preprocess.workers; 0 = automatic: one per core, 1 = this process)")
     p.add_argument("--runner", choices=RUNNERS, help="where per-image work runs (params fanout.runner)")
     p.set_defaults(func=_cmd_preprocess)
 

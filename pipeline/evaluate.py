@@ -35,7 +35,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import lesions, metrics, models, train
+from pipeline import lesions, metrics, models
+from pipeline.data import DataError, SplitData, load_splits
+from pipeline.device import DEVICES, init_distributed
+from pipeline.inference import score_split
 from pipeline.io_utils import atomic_write_text, csv_text, remove_stale_temps
 from pipeline.params import check, param
 
@@ -72,7 +75,7 @@ class EvaluateParams:
     subgroups: tuple[str, ...] = SUBGROUP_COLUMNS
     gradcam_examples: int = param(3, min=0)
     batch_size: int = param(32, min=1)
-    device: str = param("auto", choices=train.DEVICES)
+    device: str = param("auto", choices=DEVICES)
 
     def __post_init__(self):
         check(self, "evaluate")
@@ -89,16 +92,6 @@ class EvaluateSummary:
     test_images: int
     test_patients: int
     report: str
-
-
-def score_split(model: torch.nn.Module, data: train.SplitData, split: str, device: torch.device,
-                batch_size: int) -> np.ndarray:
-    """Class probabilities (n, K) float32 of one split's images, in the split's row order."""
-    from monai.data import DataLoader
-
-    loader = DataLoader(train.make_dataset(data, split, None), batch_size=batch_size, shuffle=False, num_workers=0)
-    probs, _ = train.predict(model, loader, device, None, channels_last=False)
-    return probs
 
 
 def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: Path, out_dir: Path, *,
@@ -119,17 +112,17 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
     remove_stale_temps(out_dir)  # what a killed run left
     card_path = Path(card_path or model_path.parent / "model_card.json")
     live_dir = Path(live_dir or model_path.parent / "live")
-    _, device = train.init_distributed(params.device)
+    _, device = init_distributed(params.device)
     model, meta = models.load_model(model_path, map_location="cpu")
     model.to(device)
     classes = list(meta["classes"])
-    data = train.load_splits(images_dir, Path(splits_csv), tuple(classes))
+    data = load_splits(images_dir, Path(splits_csv), tuple(classes))
     expected = list(meta["input_spec"]["shape"])
     if list(data.image_shape) != expected:
-        raise train.DataError(f"{images_dir / 'tensors.npy'}: images are {list(data.image_shape)} but {model_path} "
+        raise DataError(f"{images_dir / 'tensors.npy'}: images are {list(data.image_shape)} but {model_path} "
                          f"expects {expected}; rerun preprocess with the model's input spec or retrain")
     if len(data.rows["test"]) == 0:
-        raise train.DataError(f"{splits_csv}: the test split is empty; nothing to evaluate")
+        raise DataError(f"{splits_csv}: the test split is empty; nothing to evaluate")
 
     index = pd.read_parquet(images_dir / "index.parquet").set_index("row")
     probs = {s: score_split(model, data, s, device, params.batch_size) for s in ("val", "test")}
@@ -239,7 +232,7 @@ def _localisation(model: torch.nn.Module, backbone: str, test: pd.DataFrame, gro
     return found
 
 
-def _frame(index: pd.DataFrame, data: train.SplitData, split: str, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+def _frame(index: pd.DataFrame, data: SplitData, split: str, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
     rows = data.rows[split]
     keep = [c for c in ("image_id", "patient_key", "label", *SUBGROUP_COLUMNS) if c in index.columns]
     frame = index.loc[rows, keep].reset_index()

@@ -66,6 +66,15 @@ def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` is that of a temporary file :func:`atomic_write_bytes` writes (then renames)."""
     return name.endswith(TMP_SUFFIX) and TMP_NAME.match(name) is not None

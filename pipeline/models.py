@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import MedtlError
+from pipeline.io_utils import sha256_file
 from pipeline.params import ParamsError, check, param
 
 log = logging.getLogger(__name__)
@@ -236,14 +237,6 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve_weights(spec: Backbone, pretrained: str, allow_download: bool = True) -> tuple[Path, str]:
     """Find the ImageNet (or given) weights file of a backbone.
 
@@ -329,9 +322,9 @@ def init_head(net: nn.Module, spec: Backbone) -> None:
     A new head on pretrained features then sends no large first gradients into the backbone; a network
     trained from scratch gets the same start (MONAI's random init gives logits of SD ~9).
     """
-    for name, param in net.named_parameters():
+    for name, tensor in net.named_parameters():
         if name.startswith(spec.head_prefix):
-            nn.init.normal_(param, std=0.001) if name.endswith("weight") else nn.init.zeros_(param)
+            nn.init.normal_(tensor, std=0.001) if name.endswith("weight") else nn.init.zeros_(tensor)
 
 
 def load_pretrained(net: nn.Module, spec: Backbone, path: Path) -> tuple[int, int, bool]:

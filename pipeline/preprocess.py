@@ -192,8 +192,8 @@ def read_volume(paths: list[Path], spacing_mm: tuple[float, float, float] | None
     reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
-    except RuntimeError as exc:
-        raise PreprocessError("series cannot be read as a volume (SimpleITK could not read it)")  # its message names paths
+    except RuntimeError:  # its message names paths: not chained into ours
+        raise PreprocessError("series cannot be read as a volume (SimpleITK could not read it)") from None
     image = sitk.DICOMOrient(image, "LPS")
     if spacing_mm is not None:
         image = resample(image, spacing_mm)

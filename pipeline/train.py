@@ -38,7 +38,6 @@ import io
 import json
 import logging
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -47,19 +46,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from pipeline import models
-from pipeline.errors import MedtlError
+from pipeline.data import AUTO_CLASSES, AugmentParams, SplitData, data_version, derived_seed, load_splits, make_dataset
+from pipeline.device import AMP_MODES, DEVICES, Dist, amp_dtype, autocast, device_name, init_distributed, loader_workers
+from pipeline.inference import predict
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text, remove_stale_temps
 from pipeline.params import ParamsError, check, param, section
+from pipeline.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("feature_extraction", "finetune", "gradual")
-DEVICES = ("auto", "cpu", "cuda")
 #: BatchNorm statistics of a pretrained backbone while it trains, and why each mode does what it does (the
 #: model card carries the sentence); a network from scratch always recalibrates. ``batch`` is PyTorch's plain
 #: train mode: MONAI's EfficientNet keeps TensorFlow's momentum 0.01, so the statistics evaluation uses barely
@@ -79,32 +78,6 @@ INTENDED_USE = (
 
 
 @dataclass(frozen=True)
-class AugmentParams:
-    """Random augmentation of one modality (MONAI transforms on (C, H, W) in [0, 1]).
-
-    Attributes:
-        prob: probability of each random transform, in [0, 1].
-        flip: left-right flips (off for chest radiographs: laterality is anatomy).
-        rotate_deg: maximum in-plane rotation (degrees), in [0, 180].
-        zoom: maximum relative zoom in or out, in [0, 1).
-        intensity: maximum relative intensity scale and shift, and contrast (gamma) change, in [0, 1].
-    """
-
-    prob: float = param(0.5, min=0, max=1)
-    flip: bool = True
-    rotate_deg: float = param(10.0, min=0, max=180)
-    zoom: float = param(0.1, min=0, max=1, max_exclusive=True)
-    intensity: float = param(0.1, min=0, max=1)
-
-    def __post_init__(self) -> None:
-        check(self, "train.augment")
-
-
-#: ``train.classes: auto``: the sorted distinct labels of the preprocessed images
-AUTO_CLASSES = "auto"
-
-
-@dataclass(frozen=True)
 class TrainParams:
     """``train`` section of params.yaml (see the comments there).
 
@@ -113,8 +86,9 @@ class TrainParams:
             last); integers are read as their text (labels ``0``/``1``). ``auto``: the sorted distinct
             labels of the preprocessed images (for ``0``/``1``: 1 positive; for names, the
             alphabetically last is positive, so name them explicitly).
-        workers: DataLoader worker processes, >= -1: -1 = automatic (0 on CPU, min(8, cores) on a GPU),
-            0 = load in the training process.
+        workers: DataLoader processes, as everywhere (:func:`pipeline.device.loader_workers`): 0 =
+            automatic (in the training process on a CPU, min(8, cores) processes for a GPU), 1 = in the
+            training process, N > 1 = N loader processes.
         patience: early stopping after this many epochs without a validation AUC gain, >= 0 (0 = off).
         min_steps: at least this many optimiser steps (more epochs for a small training set), >= 0.
         fraction: share of the training patients used, in (0, 1].
@@ -133,10 +107,10 @@ class TrainParams:
     class_balance: str = param("weights", choices=("weights", "sampler", "none"))
     patience: int = param(4, min=0)
     seed: int = param(0, min=0)
-    amp: str = param("auto", choices=("auto", "bf16", "fp16", "off"))
+    amp: str = param("auto", choices=AMP_MODES)
     channels_last: bool = True
     compile: bool = False
-    workers: int = param(-1, min=-1)
+    workers: int = param(0, min=0, hint="0 = automatic (formerly -1), 1 = in the training process")
     device: str = param("auto", choices=DEVICES)
     augment: dict[str, dict | None] = param({"default": {}})
     fraction: float = param(1.0, min=0, min_exclusive=True, max=1)
@@ -171,8 +145,10 @@ class TrainParams:
         return AugmentParams(**values)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainSummary:
+    """What a run did: ``train_metrics.json`` (all but ``device``) and the CLI's summary line."""
+
     epochs_run: int
     best_epoch: int
     best_val_auc: float
@@ -189,222 +165,6 @@ class TrainSummary:
     train_fraction: float = 1.0
     epochs_planned: int = 0
     batchnorm: str = ""
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class SplitData:
-    """Rows of ``tensors.npy`` per split, with integer labels and modalities."""
-
-    tensors: Path
-    rows: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
-    modalities: dict[str, np.ndarray]
-    patients: dict[str, int]
-    image_shape: tuple[int, ...]
-    train_pool_patients: int | None = None  # train patients before ``fraction`` took its subset
-    classes: tuple[str, ...] = ()  # what the label indices index (``train.classes``, ``auto`` resolved)
-
-
-def train_subset(patient_labels: pd.Series, fraction: float, seed: int = 0) -> set[str]:
-    """The training patients kept at ``fraction``: nested across fractions and stratified by class.
-
-    Within each class, patients are ranked by a hash of (salt, ``seed``, patient key) and the first
-    ``ceil(fraction * n)`` are kept (at least one per class present). The ranking does not depend on
-    ``fraction``, so for one seed the 10 % subset lies inside the 25 % one, and so on up to all
-    patients; class balance is kept to within one patient per class.
-
-    Args:
-        patient_labels: one class index per training patient (index: ``patient_key``), e.g. the
-            highest label among its images (for two classes: positive if any image is).
-        fraction: share of each class's patients to keep, in (0, 1].
-        seed: ``train.fraction_seed``: another seed draws other (still nested) subsets.
-    """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"train.fraction: {fraction} is not in (0, 1]")
-    keep: set[str] = set()
-    for _, group in patient_labels.groupby(patient_labels, sort=True):
-        keys = sorted(group.index.astype(str),
-                      key=lambda k: hashlib.blake2b(f"medtl-fraction:{seed}:{k}".encode(), digest_size=8).digest())
-        keep.update(keys[:max(1, math.ceil(fraction * len(keys) - 1e-9))])
-    return keep
-
-
-class DataError(MedtlError, ValueError):
-    """The preprocessed images or the split assignment cannot be trained (or evaluated) on."""
-
-
-class UnknownLabelsError(DataError):
-    """Labels of the preprocessed images that are not in ``train.classes``."""
-
-
-def _read_input(path: Path, read, made_by: str):
-    """``read(path)``; a file that exists but cannot be read as what it should be is a :class:`DataError`."""
-    try:
-        return read(path)
-    except FileNotFoundError:
-        raise
-    except (ValueError, EOFError, OSError) as exc:  # pyarrow's ArrowInvalid and pandas' EmptyDataError: ValueErrors
-        raise DataError(f"{path}: not readable ({type(exc).__name__}); rerun {made_by}") from exc
-
-
-def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...] | str, *, fraction: float = 1.0,
-                fraction_seed: int = 0) -> SplitData:
-    """Join the preprocess index with the split assignment; labels become indices into ``classes``.
-
-    ``classes`` ``auto`` takes the sorted distinct labels of the index (every split), recorded in the
-    result's ``classes``. ``fraction`` < 1 keeps only a nested, class-stratified subset of the TRAINING
-    patients (:func:`train_subset`); validation and test rows are never touched.
-
-    Raises:
-        UnknownLabelsError: a label is not in ``classes`` (or ``auto`` finds fewer than two).
-        DataError: images without a split, or an empty train or validation split.
-    """
-    index_path = images_dir / "index.parquet"
-    index = _read_input(index_path, pd.read_parquet, "medtl preprocess")
-    splits = _read_input(splits_csv, lambda p: pd.read_csv(p, dtype={"image_id": str}), "medtl split")
-    missing = [c for c in ("image_id", "split") if c not in splits.columns]
-    if missing:
-        raise DataError(f"{splits_csv}: missing column(s) {', '.join(missing)}; rerun medtl split")
-    frame = index.merge(splits[["image_id", "split"]], on="image_id", how="inner", validate="one_to_one")
-    if len(frame) != len(index):
-        raise DataError(f"{splits_csv}: {len(index) - len(frame)} of {len(index)} preprocessed images have no split; "
-                        "rerun medtl split")
-    found = sorted(set(frame["label"].astype(str)))
-    if classes == AUTO_CLASSES:
-        if len(found) < 2:
-            raise UnknownLabelsError(f"train.classes: auto found only the label(s) {found} in {index_path}; "
-                                     "a classifier needs two or more")
-        classes = tuple(found)
-    classes = tuple(classes)
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise UnknownLabelsError(
-            f"labels {unknown} in {index_path} are not in train.classes {list(classes)} (labels found: {found}); "
-            "set train.classes in params.yaml to these labels (two classes: negative first, positive last) or to auto")
-    frame = frame.assign(label=frame["label"].astype(str))
-    tensors = images_dir / "tensors.npy"
-    shape = _read_input(tensors, lambda p: np.load(p, mmap_mode="r"), "medtl preprocess").shape
-    out: dict[str, dict[str, np.ndarray]] = {"rows": {}, "labels": {}, "modalities": {}}
-    patients = {}
-    train_rows = frame["split"] == "train"
-    pool = int(frame.loc[train_rows, "patient_key"].nunique())
-    if fraction < 1:
-        label_index = frame.loc[train_rows, "label"].map({c: i for i, c in enumerate(classes)})
-        patient_labels = label_index.groupby(frame.loc[train_rows, "patient_key"]).max()
-        kept = train_subset(patient_labels, fraction, fraction_seed)
-        frame = frame[~train_rows | frame["patient_key"].astype(str).isin(kept)]
-    for name in ("train", "val", "test"):
-        part = frame[frame["split"] == name].sort_values("row")
-        out["rows"][name] = part["row"].to_numpy(np.int64)
-        out["labels"][name] = part["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
-        out["modalities"][name] = part["modality"].astype(str).to_numpy()
-        patients[name] = int(part["patient_key"].nunique())
-    for name in ("train", "val"):
-        if len(out["rows"][name]) == 0:
-            raise DataError(f"{splits_csv}: the {name} split is empty")
-    return SplitData(tensors, out["rows"], out["labels"], out["modalities"], patients, tuple(shape[1:]), pool,
-                     classes)
-
-
-def _augmentation(p: AugmentParams):
-    from monai import transforms as T
-
-    steps = []
-    if p.flip:
-        steps.append(T.RandFlipd("image", prob=p.prob, spatial_axis=1))
-    if p.rotate_deg or p.zoom:
-        # rotation and zoom in one resampling: half the cost of two, and one interpolation blur
-        steps.append(T.RandAffined("image", prob=p.prob, rotate_range=math.radians(p.rotate_deg),
-                                   scale_range=p.zoom, padding_mode="zeros"))
-    if p.intensity:
-        steps += [T.RandScaleIntensityd("image", factors=p.intensity, prob=p.prob),
-                  T.RandShiftIntensityd("image", offsets=p.intensity, prob=p.prob),
-                  T.RandAdjustContrastd("image", gamma=(1 - p.intensity, 1 + p.intensity), prob=p.prob)]
-    return T.Compose(steps)
-
-
-def make_dataset(data: SplitData, split: str, params: TrainParams | None):
-    """A MONAI dataset over one split's rows of the memory-mapped tensor file.
-
-    Items are ``{"image": (C, H, W) float32 tensor, "label": int}``. ``params`` None: no
-    augmentation (validation/test). The array is opened lazily per process and never copied whole:
-    each item reads its own row.
-    """
-    from monai.data import Dataset
-    from monai.transforms import Compose, EnsureTyped
-
-    deterministic = Compose([EnsureTyped("image", dtype=torch.float32, track_meta=False)])
-    random_by_modality = ({m: _augmentation(params.augment_for(m)) for m in set(data.modalities[split])}
-                          if params is not None else {})
-    seed = params.seed if params is not None else 0
-
-    class _Rows(Dataset):
-        epoch = 0
-        _array = None
-
-        def __getstate__(self):  # workers reopen the memmap rather than receive a pickled copy
-            state = self.__dict__.copy()
-            state["_array"] = None
-            return state
-
-        def _transform(self, index: int):
-            if self._array is None:
-                self._array = np.load(data.tensors, mmap_mode="r")
-            item = self.data[index]
-            out = deterministic({"image": np.array(self._array[item["row"]], dtype=np.float32), "label": item["label"]})
-            augment = random_by_modality.get(item["modality"])
-            if augment is not None:
-                # Seeded per (seed, epoch, item): the same augmentation whatever the worker count,
-                # sampler order or resume point.
-                augment.set_random_state(seed=derived_seed(seed, self.epoch, item["row"]))
-                out = augment(out)
-                out["image"] = torch.as_tensor(out["image"]).clamp_(0, 1)
-            return out
-
-    records = [{"row": int(r), "label": int(y), "modality": m}
-               for r, y, m in zip(data.rows[split], data.labels[split], data.modalities[split])]
-    return _Rows(records)
-
-
-# ------------------------------------------------------------------------------------------- device
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join the ``torchrun`` process group when there is one (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else device_name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dist = Dist(int(os.environ.get("RANK", "0")), world, local_rank)
-    return dist, device
-
-
-def amp_dtype(params: TrainParams, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, fp16 (with a gradient scaler) otherwise; off on CPU by default."""
-    if params.amp == "off" or (params.amp == "auto" and device.type != "cuda"):
-        return None
-    if params.amp == "fp16" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------- strategy
@@ -491,11 +251,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 # ------------------------------------------------------------------------------------------- loop
 
 
-def derived_seed(*parts: int) -> int:
-    """A 32-bit seed that depends on every part (e.g. seed, epoch, row) and on nothing else."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
 def _seed_everything(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(derived_seed(seed, epoch, rank))
 
@@ -503,7 +258,7 @@ def _seed_everything(seed: int, epoch: int, rank: int) -> None:
 def train_step(net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None) -> float:
     """One optimiser step (autocast to ``dtype`` when set, gradient scaling for fp16); returns the loss."""
-    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(x.device, dtype):
         loss = loss_fn(net(x).float(), y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -522,23 +277,6 @@ def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
     present = np.unique(labels)
     return float(roc_auc_score(labels, probs[:, present] / probs[:, present].sum(1, keepdims=True),
                                multi_class="ovr", labels=present))
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
-            channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, K) float32 and labels (N,) of every item of ``loader``, in order."""
-    model.eval()
-    probs, labels = [], []
-    for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x)
-        probs.append(logits.float().softmax(1).cpu().numpy())
-        labels.append(batch["label"].numpy())
-    return np.concatenate(probs), np.concatenate(labels)
 
 
 @torch.no_grad()
@@ -573,12 +311,6 @@ def _class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
 def _config_hash(params: TrainParams, model_params: models.ModelParams, data_hash: str) -> str:
     blob = json.dumps({"train": asdict(params), "model": asdict(model_params), "data": data_hash}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def data_version(images_dir: Path, splits_csv: Path) -> dict[str, str]:
-    """SHA-256 of every input the model depends on (the card's data version)."""
-    files = {"tensors": images_dir / "tensors.npy", "index": images_dir / "index.parquet", "splits": splits_csv}
-    return {name: models.sha256_file(path) for name, path in files.items()}
 
 
 def code_version() -> dict[str, str | bool | None]:
@@ -624,9 +356,271 @@ def _load_checkpoint(path: Path, config_hash: str) -> dict | None:
     return state
 
 
+class Trainer:
+    """One training run as named steps; :func:`run` drives them (nnU-Net's ``run_training`` is the model).
+
+    Construction sets everything up: inputs, model, optimiser, loaders, schedule. Then
+    :meth:`resume` (from ``last.pt`` if it holds this configuration), :meth:`run_epoch` until
+    :attr:`done` (each: :meth:`train_epoch`, :meth:`validate`, :meth:`select`, :meth:`end_epoch`),
+    and :meth:`finish` (best weights, outputs, summary). A process killed between epochs resumes
+    where it was: every epoch's randomness is seeded from (seed, epoch).
+    """
+
+    def __init__(self, params: TrainParams, model_params: models.ModelParams, images_dir: Path, splits_csv: Path,
+                 out_dir: Path, *, checkpoint_dir: Path | None = None, live_dir: Path | None = None,
+                 progress: bool = True):
+        self.started = time.perf_counter()
+        self.out_dir, self.images_dir, self.splits_csv = Path(out_dir), Path(images_dir), Path(splits_csv)
+        self.checkpoint_path = Path(checkpoint_dir or self.out_dir / "checkpoints") / "last.pt"
+        self.live_dir = Path(live_dir or self.out_dir / "live")
+        self.progress = progress
+        for folder in (self.out_dir, self.checkpoint_path.parent):
+            remove_stale_temps(folder)  # what a killed run left
+        self.dist, self.device = init_distributed(params.device)
+        if self.dist.world_size > 1 and params.class_balance == "sampler":
+            raise ParamsError("train.class_balance: sampler is not supported under DDP (torchrun); use weights")
+        self.model_params = model_params
+        self._load_data(params)
+        self.dtype = amp_dtype(params.amp, self.device)
+        self._build_model()
+        self._build_optimiser()
+        self._build_loaders()
+        self._plan_schedule()
+        self.history: list[dict] = []
+        self.best: dict = {"auc": -math.inf, "epoch": -1, "state": None}
+        self.bad_epochs = self.epoch = self.step = self.resumed_from = 0
+        self.stopped_early = False
+        self.live = None
+        self.forward = torch.compile(self.model) if self.params.compile else self.model
+        self._ddp_model: nn.Module | None = None
+        self._ddp_trainable: int | None = None
+
+    # ------------------------------------------------------------------------------------- set-up
+
+    def _load_data(self, params: TrainParams) -> None:
+        self.data = load_splits(self.images_dir, self.splits_csv, params.classes, fraction=params.fraction,
+                                fraction_seed=params.fraction_seed)
+        self.classes_setting = params.classes
+        if params.auto_classes:  # from here on the classes found: model, card, config hash
+            params = replace(params, classes=self.data.classes)
+            if self.dist.main:
+                log.info("train.classes auto: %s (positive class %s)", list(self.data.classes), self.data.classes[-1])
+        self.params = params
+        self.versions = data_version(self.images_dir, self.splits_csv)
+        self.config_hash = _config_hash(params, self.model_params,
+                                        self.versions["tensors"] + self.versions["index"] + self.versions["splits"])
+
+    def _build_model(self) -> None:
+        torch.manual_seed(self.params.seed)  # the new head's initial weights (and every weight from scratch)
+        self.model, self.weights = models.build_model(self.model_params, len(self.params.classes))
+        if self.model_params.pretrained == "none":
+            # A fair baseline: MONAI's random init gives logits of SD ~9 in training mode (a first loss of
+            # 5-10); start the head near uniform, as a pretrained model's new head does.
+            models.init_head(self.model.net, models.backbone(self.model_params.backbone))
+        self.stages = models.backbone_stages(self.model, self.model_params.backbone)
+        self.model.to(self.device)
+        if self.params.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _build_optimiser(self) -> None:
+        params, device = self.params, self.device
+        head = models.head_parameters(self.model, self.model_params.backbone)
+        head_ids = {id(p) for p in head}
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in self.model.parameters() if id(p) not in head_ids],
+              "lr": params.lr * backbone_lr_mult(params, self.model_params), "name": "backbone"},
+             {"params": head, "lr": params.lr, "name": "head"}], weight_decay=params.weight_decay)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        n_classes = len(params.classes)
+        weights = (torch.tensor(_class_weights(self.data.labels["train"], n_classes), dtype=torch.float32,
+                                device=device) if params.class_balance == "weights" else None)
+        self.loss_fn = nn.CrossEntropyLoss(weight=weights)
+
+    def _build_loaders(self) -> None:
+        from monai.data import DataLoader
+
+        params = self.params
+        self.train_ds = make_dataset(self.data, "train", params.augment_for, params.seed)
+        self.loader_args = {"num_workers": loader_workers(params.workers, self.device),
+                            "pin_memory": self.device.type == "cuda"}
+        self.val_loader = DataLoader(make_dataset(self.data, "val"), batch_size=params.batch_size * 2, shuffle=False,
+                                     **self.loader_args)
+        self.bn_mode = batchnorm_mode(params, self.model_params)
+        # recalibrate: BatchNorm statistics recomputed on the training images after each epoch
+        self.calibration_loader = (
+            DataLoader(make_dataset(self.data, "train"), batch_size=params.batch_size, shuffle=False,
+                       **self.loader_args) if self.bn_mode == "recalibrate" else None)
+
+    def _plan_schedule(self) -> None:
+        params = self.params
+        self.steps_per_epoch = math.ceil(len(self.train_ds) / (params.batch_size * self.dist.world_size))
+        self.epochs = planned_epochs(params, self.steps_per_epoch)
+        self.total_steps = self.steps_per_epoch * self.epochs
+        self.warmup_steps = (int(round(params.warmup_epochs * self.steps_per_epoch))
+                             if params.strategy != "feature_extraction" else 0)
+
+    # ------------------------------------------------------------------------------------- steps
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.epochs or self.stopped_early
+
+    def resume(self) -> None:
+        """Continue from ``last.pt`` when it holds this configuration; open the DVCLive run (curves replayed)."""
+        state = _load_checkpoint(self.checkpoint_path, self.config_hash)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
+            self.epoch, self.step = state["epoch"], state["step"]
+            self.stopped_early = state.get("stopped_early", False)
+            if self.dist.main:
+                log.info("resuming from %s after epoch %d", self.checkpoint_path, self.epoch)
+        self.resumed_from = self.epoch
+        if self.dist.main:
+            self.live = _open_live(self.live_dir, self.history)
+            if self.epochs > self.params.epochs:
+                log.info("train.min_steps %d: %d epochs of %d steps instead of %d", self.params.min_steps,
+                         self.epochs, self.steps_per_epoch, self.params.epochs)
+
+    def run_epoch(self) -> dict:
+        """One epoch: train, validate, keep the model if it is the best so far, log and checkpoint."""
+        trained = self.train_epoch()
+        record = self.validate(trained)
+        self.select(record)
+        self.end_epoch(record)
+        return record
+
+    def train_epoch(self) -> dict:
+        """One pass over the (re-shuffled, augmented) training split; the loss and throughput it had."""
+        from monai.data import DataLoader
+        from tqdm import tqdm
+
+        params, device, epoch = self.params, self.device, self.epoch
+        _seed_everything(params.seed, epoch, self.dist.rank)
+        self.train_ds.epoch = epoch
+        n_trainable = trainable_stages(params, epoch, len(self.stages))
+        self.model.train()
+        set_trainable(self.model, self.stages, n_trainable)
+        if self.bn_mode == "frozen":
+            freeze_batchnorm_statistics(self.model)
+        net = self._network(n_trainable)
+        loader = DataLoader(self.train_ds, batch_size=params.batch_size, drop_last=False,
+                            **_train_sampling(params, self.data, epoch, self.dist), **self.loader_args)
+        started, seen, loss_sum = time.perf_counter(), 0, 0.0
+        factor = lr_factor(self.step, self.total_steps, self.warmup_steps)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not (self.progress and self.dist.main),
+                   leave=False, unit="batch", mininterval=0.1 if sys.stderr.isatty() else 30)
+        for batch in bar:
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["label"].to(device, non_blocking=True)
+            if params.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            factor = lr_factor(self.step, self.total_steps, self.warmup_steps)
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = base * factor
+            loss = train_step(net, self.loss_fn, self.optimizer, self.scaler, x, y, self.dtype)
+            self.step += 1
+            seen += len(y)
+            loss_sum += loss * len(y)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        return {"started": started, "train_s": time.perf_counter() - started, "seen": seen, "loss_sum": loss_sum,
+                "lr_factor": factor, "trainable_stages": n_trainable}
+
+    def _network(self, n_trainable: int) -> nn.Module:
+        if self.dist.world_size > 1 and self._ddp_trainable != n_trainable:
+            # DDP registers the parameters that need gradients when it is built: rebuild on unfreezing.
+            self._ddp_model = nn.parallel.DistributedDataParallel(
+                self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self._ddp_trainable = n_trainable
+        return self._ddp_model if self._ddp_model is not None else self.forward
+
+    def validate(self, trained: dict) -> dict:
+        """The epoch's record: training loss and rate, validation loss, AUC and accuracy of the current weights."""
+        if self.calibration_loader is not None:
+            recalibrate_batchnorm(self.model, self.calibration_loader, self.device, self.params.channels_last)
+        if self.dist.world_size > 1:
+            # DDP syncs BatchNorm statistics at the start of each forward, so the last batch leaves
+            # them differing between processes: take rank 0's, so all validate the same model.
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        probs, labels = predict(self.forward, self.val_loader, self.device, self.dtype, self.params.channels_last)
+        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)),
+                                                torch.from_numpy(labels)))
+        record = {"epoch": self.epoch + 1, "train_loss": trained["loss_sum"] / max(trained["seen"], 1),
+                  "val_loss": val_loss, "val_auc": _auc(labels, probs),
+                  "val_accuracy": float((probs.argmax(1) == labels).mean()),
+                  "lr_head": self.base_lrs[-1] * trained["lr_factor"], "trainable_stages": trained["trainable_stages"],
+                  "train_images_per_s": trained["seen"] * self.dist.world_size / trained["train_s"],
+                  "epoch_s": time.perf_counter() - trained["started"]}
+        # training wall time so far (train + validate, summed over epochs; set-up excluded): the time
+        # a strategy needs to reach a given validation AUC, comparable across resumed runs
+        record["elapsed_s"] = (self.history[-1].get("elapsed_s", 0.0) if self.history else 0.0) + record["epoch_s"]
+        return record
+
+    def select(self, record: dict) -> None:
+        """Keep the weights of the best validation AUC so far; decide on early stopping."""
+        self.history.append(record)
+        # Select on AUC; a single-class validation split has none, so fall back to the loss.
+        score = record["val_auc"] if not math.isnan(record["val_auc"]) else -record["val_loss"]
+        if score > self.best["auc"]:
+            self.best = {"auc": score, "epoch": self.epoch + 1,
+                         "state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        self.epoch += 1
+        # early stopping waits for train.min_steps: the first epochs of a small subset are a handful of
+        # steps, and their noisy validation AUC must not end the run before it had its budget
+        self.stopped_early = (self.params.patience > 0 and self.bad_epochs >= self.params.patience
+                              and self.epoch < self.epochs and self.step >= self.params.min_steps)
+
+    def end_epoch(self, record: dict) -> None:
+        """Log the epoch (console, DVCLive) and write the checkpoint a killed run resumes from."""
+        if self.dist.main:
+            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %.4f, %.1f images/s%s", self.epoch,
+                     self.epochs, record["train_loss"], record["val_loss"], record["val_auc"],
+                     record["train_images_per_s"], " (best)" if self.best["epoch"] == self.epoch else "")
+            _log_live(self.live, record)
+            _save_checkpoint(self.checkpoint_path, {
+                "format": CHECKPOINT_FORMAT, "config_hash": self.config_hash, "epoch": self.epoch, "step": self.step,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "history": self.history, "best": self.best,
+                "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early})
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+        if self.stopped_early and self.dist.main:
+            log.info("early stop: no validation AUC gain in %d epochs", self.params.patience)
+
+    def finish(self) -> TrainSummary:
+        """Restore the best weights, write ``model.pt``, the card and the metrics; the run's summary."""
+        agree = _weights_agree(self.model) if self.dist.world_size > 1 else None
+        self.model.load_state_dict(self.best["state"])
+        history, data = self.history, self.data
+        summary = TrainSummary(
+            epochs_run=len(history), best_epoch=self.best["epoch"], best_val_auc=_best_auc(history, self.best["epoch"]),
+            stopped_early=self.stopped_early, resumed_from_epoch=self.resumed_from,
+            train_images=len(data.rows["train"]), val_images=len(data.rows["val"]),
+            images_per_s=float(np.median([h["train_images_per_s"] for h in history])) if history else float("nan"),
+            wall_s=time.perf_counter() - self.started, device=device_name(self.device),
+            world_size=self.dist.world_size, ddp_weights_agree=agree, train_patients=data.patients["train"],
+            train_fraction=self.params.fraction, epochs_planned=self.epochs, batchnorm=self.bn_mode)
+        if self.dist.main:
+            _write_outputs(self.out_dir, self.model, self.params, self.model_params, self.weights, data,
+                           self.images_dir, self.versions, history, summary, self.dtype,
+                           classes_setting=self.classes_setting)
+            if self.live is not None:
+                self.live.end()
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+        return summary
+
+
 def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path, splits_csv: Path,
         out_dir: Path, *, checkpoint_dir: Path | None = None, live_dir: Path | None = None,
-        stop_after_epoch: int | None = None, progress: bool = True) -> TrainSummary:
+        progress: bool = True) -> TrainSummary:
     """Train, validate every epoch, keep the best-validation-AUC model and write the outputs.
 
     Args:
@@ -636,192 +630,14 @@ def run(params: TrainParams, model_params: models.ModelParams, images_dir: Path,
         out_dir: receives ``model.pt``, ``model_card.json``, ``train_metrics.json``.
         checkpoint_dir: where ``last.pt`` persists between runs (default ``out_dir/checkpoints``).
         live_dir: DVCLive directory (default ``out_dir/live``).
-        stop_after_epoch: stop (as if killed) after this many epochs, leaving only the checkpoint;
-            for tests of resume.
         progress: show a progress bar per epoch.
     """
-    from monai.data import DataLoader
-    from tqdm import tqdm
-
-    started = time.perf_counter()
-    out_dir, images_dir = Path(out_dir), Path(images_dir)
-    checkpoint_dir = Path(checkpoint_dir or out_dir / "checkpoints")
-    live_dir = Path(live_dir or out_dir / "live")
-    for folder in (out_dir, checkpoint_dir):
-        remove_stale_temps(folder)  # what a killed run left
-    dist, device = init_distributed(params.device)
-    if dist.world_size > 1 and params.class_balance == "sampler":
-        raise ParamsError("train.class_balance: sampler is not supported under DDP (torchrun); use weights")
-    data = load_splits(images_dir, Path(splits_csv), params.classes, fraction=params.fraction,
-                       fraction_seed=params.fraction_seed)
-    classes_setting = params.classes
-    if params.auto_classes:  # from here on the classes found: model, card, config hash
-        params = replace(params, classes=data.classes)
-        if dist.main:
-            log.info("train.classes auto: %s (positive class %s)", list(data.classes), data.classes[-1])
-    versions = data_version(images_dir, Path(splits_csv))
-    config_hash = _config_hash(params, model_params, versions["tensors"] + versions["index"] + versions["splits"])
-    dtype = amp_dtype(params, device)
-    n_classes = len(params.classes)
-
-    torch.manual_seed(params.seed)  # the new head's initial weights (and every weight from scratch)
-    model, weights = models.build_model(model_params, n_classes)
-    scratch = model_params.pretrained == "none"
-    if scratch:
-        # A fair baseline: MONAI's random init gives logits of SD ~9 in training mode (a first loss of
-        # 5-10); start the head near uniform, as a pretrained model's new head does.
-        models.init_head(model.net, models.backbone(model_params.backbone))
-    stages = models.backbone_stages(model, model_params.backbone)
-    head = models.head_parameters(model, model_params.backbone)
-    head_ids = {id(p) for p in head}
-    model.to(device)
-    if params.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in model.parameters() if id(p) not in head_ids],
-          "lr": params.lr * backbone_lr_mult(params, model_params), "name": "backbone"},
-         {"params": head, "lr": params.lr, "name": "head"}], weight_decay=params.weight_decay)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    weights_t = (torch.tensor(_class_weights(data.labels["train"], n_classes), dtype=torch.float32, device=device)
-                 if params.class_balance == "weights" else None)
-    loss_fn = nn.CrossEntropyLoss(weight=weights_t)
-
-    train_ds = make_dataset(data, "train", params)
-    val_ds = make_dataset(data, "val", None)
-    workers = params.workers if params.workers >= 0 else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
-    loader_args = {"num_workers": workers, "pin_memory": device.type == "cuda"}
-    val_loader = DataLoader(val_ds, batch_size=params.batch_size * 2, shuffle=False, **loader_args)
-    bn_mode = batchnorm_mode(params, model_params)
-    # recalibrate: BatchNorm statistics recomputed on the training images after each epoch (see below)
-    calibration_loader = (DataLoader(make_dataset(data, "train", None), batch_size=params.batch_size, shuffle=False,
-                                     **loader_args) if bn_mode == "recalibrate" else None)
-    steps_per_epoch = math.ceil(len(train_ds) / (params.batch_size * dist.world_size))
-    epochs = planned_epochs(params, steps_per_epoch)
-    total_steps = steps_per_epoch * epochs
-    warmup_steps = int(round(params.warmup_epochs * steps_per_epoch)) if params.strategy != "feature_extraction" else 0
-
-    checkpoint_path = checkpoint_dir / "last.pt"
-    state = _load_checkpoint(checkpoint_path, config_hash)
-    history: list[dict] = []
-    best = {"auc": -math.inf, "epoch": -1, "state": None}
-    bad_epochs, start_epoch, step = 0, 0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
-        start_epoch, step = state["epoch"], state["step"]
-        if dist.main:
-            log.info("resuming from %s after epoch %d", checkpoint_path, start_epoch)
-    resumed_from = start_epoch
-    stopped_early = state is not None and state.get("stopped_early", False)
-
-    live = _open_live(live_dir, history) if dist.main else None
-    forward = torch.compile(model) if params.compile else model
-    ddp_model, ddp_trainable = None, None
-    epoch = start_epoch
-    if dist.main and epochs > params.epochs:
-        log.info("train.min_steps %d: %d epochs of %d steps instead of %d", params.min_steps, epochs,
-                 steps_per_epoch, params.epochs)
-    while epoch < epochs and not stopped_early:
-        _seed_everything(params.seed, epoch, dist.rank)
-        train_ds.epoch = epoch
-        n_trainable = trainable_stages(params, epoch, len(stages))
-        model.train()
-        set_trainable(model, stages, n_trainable)
-        if bn_mode == "frozen":
-            freeze_batchnorm_statistics(model)
-        if dist.world_size > 1 and ddp_trainable != n_trainable:
-            # DDP registers the parameters that need gradients when it is built: rebuild on unfreezing.
-            ddp_model = nn.parallel.DistributedDataParallel(
-                forward, device_ids=[device.index] if device.type == "cuda" else None)
-            ddp_trainable = n_trainable
-        net = ddp_model if ddp_model is not None else forward
-        loader = DataLoader(train_ds, batch_size=params.batch_size, drop_last=False,
-                            **_train_sampling(params, data, epoch, dist), **loader_args)
-        epoch_start, seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not (progress and dist.main),
-                   leave=False, unit="batch", mininterval=0.1 if sys.stderr.isatty() else 30)
-        for batch in bar:
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["label"].to(device, non_blocking=True)
-            if params.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            factor = lr_factor(step, total_steps, warmup_steps)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
-            loss = train_step(net, loss_fn, optimizer, scaler, x, y, dtype)
-            step += 1
-            seen += len(y)
-            loss_sum += loss * len(y)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        train_s = time.perf_counter() - epoch_start
-        if calibration_loader is not None:
-            recalibrate_batchnorm(model, calibration_loader, device, params.channels_last)
-        if dist.world_size > 1:
-            # DDP syncs BatchNorm statistics at the start of each forward, so the last batch leaves
-            # them differing between processes: take rank 0's, so all validate the same model.
-            for buffer in model.buffers():
-                torch.distributed.broadcast(buffer, 0)
-        probs, labels = predict(forward, val_loader, device, dtype, params.channels_last)
-        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)),
-                                                torch.from_numpy(labels)))
-        val_auc = _auc(labels, probs)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
-                  "val_auc": val_auc, "val_accuracy": float((probs.argmax(1) == labels).mean()),
-                  "lr_head": base_lrs[-1] * factor, "trainable_stages": n_trainable,
-                  "train_images_per_s": seen * dist.world_size / train_s,
-                  "epoch_s": time.perf_counter() - epoch_start}
-        # training wall time so far (train + validate, summed over epochs; set-up excluded): the time
-        # a strategy needs to reach a given validation AUC, comparable across resumed runs
-        record["elapsed_s"] = (history[-1].get("elapsed_s", 0.0) if history else 0.0) + record["epoch_s"]
-        history.append(record)
-        # Select on AUC; a single-class validation split has none, so fall back to the loss.
-        score = val_auc if not math.isnan(val_auc) else -val_loss
-        if score > best["auc"]:
-            best = {"auc": score, "epoch": epoch + 1,
-                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        epoch += 1
-        # early stopping waits for train.min_steps: the first epochs of a small subset are a handful of
-        # steps, and their noisy validation AUC must not end the run before it had its budget
-        stopped_early = (params.patience > 0 and bad_epochs >= params.patience and epoch < epochs
-                         and step >= params.min_steps)
-        if dist.main:
-            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val AUC %.4f, %.1f images/s%s", epoch,
-                     epochs, record["train_loss"], val_loss, val_auc, record["train_images_per_s"],
-                     " (best)" if best["epoch"] == epoch else "")
-            _log_live(live, record)
-            _save_checkpoint(checkpoint_path, {
-                "format": CHECKPOINT_FORMAT, "config_hash": config_hash, "epoch": epoch, "step": step,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "history": history, "best": best, "bad_epochs": bad_epochs, "stopped_early": stopped_early})
-        if dist.world_size > 1:
-            torch.distributed.barrier()
-        if stop_after_epoch is not None and epoch >= stop_after_epoch:
-            return None  # type: ignore[return-value]
-        if stopped_early and dist.main:
-            log.info("early stop: no validation AUC gain in %d epochs", params.patience)
-
-    agree = _weights_agree(model) if dist.world_size > 1 else None
-    model.load_state_dict(best["state"])
-    wall = time.perf_counter() - started
-    rate = float(np.median([h["train_images_per_s"] for h in history])) if history else float("nan")
-    summary = TrainSummary(len(history), best["epoch"], _best_auc(history, best["epoch"]), stopped_early, resumed_from,
-                           len(data.rows["train"]), len(data.rows["val"]), rate, wall,
-                           _device_name(device), dist.world_size, agree, data.patients["train"], params.fraction,
-                           epochs, bn_mode)
-    if dist.main:
-        _write_outputs(out_dir, model, params, model_params, weights, data, images_dir, versions, history,
-                       summary, dtype, classes_setting=classes_setting)
-        if live is not None:
-            live.end()
-    if dist.world_size > 1:
-        torch.distributed.barrier()
-    return summary
+    trainer = Trainer(params, model_params, images_dir, splits_csv, out_dir, checkpoint_dir=checkpoint_dir,
+                      live_dir=live_dir, progress=progress)
+    trainer.resume()
+    while not trainer.done:
+        trainer.run_epoch()
+    return trainer.finish()
 
 
 def _train_sampling(params: TrainParams, data: SplitData, epoch: int, dist: Dist) -> dict:
@@ -855,12 +671,6 @@ def _weights_agree(model: nn.Module) -> bool:
     digests = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(digests, digest.hexdigest())
     return len(set(digests)) == 1
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 LIVE_METRICS = ("train_loss", "val_loss", "val_auc", "val_accuracy", "lr_head")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import params as P
-from pipeline import study, train
+from pipeline import data, study, train
 from pipeline.errors import MedtlError
 from pipeline.params import ParamsError, load_section, read_params, section, section_class
 
@@ -46,7 +46,7 @@ def _numeric(tp) -> bool:
 OWN = ["train", "model", "preprocess", "split", "evaluate", "promote", "retrain", "study"]
 
 
-@pytest.mark.parametrize("cls", [section_class(n) for n in OWN] + [train.AugmentParams, study.StudyGrid],
+@pytest.mark.parametrize("cls", [section_class(n) for n in OWN] + [data.AugmentParams, study.StudyGrid],
                          ids=lambda c: c.__name__)
 def test_every_numeric_field_has_a_range(cls):
     hints = typing.get_type_hints(cls)
@@ -71,7 +71,7 @@ MESSAGES = [
     ("train", "train: {lr: 0}", "train.lr: must be a number in (0, 10], got 0"),
     ("train", "train: {lr: fast}", "train.lr: expected a number, got 'fast'"),
     ("train", "train: {fraction: 1.5}", "train.fraction: must be a number in (0, 1], got 1.5"),
-    ("train", "train: {workers: -2}", "train.workers: must be an integer >= -1, got -2"),
+    ("train", "train: {workers: -1}", "train.workers: must be an integer >= 0, got -1; 0 = automatic (formerly -1), 1 = in the training process"),
     ("train", "train: {channels_last: 'yes'}", "train.channels_last: expected true or false, got 'yes'"),
     ("train", "train: {strategy: finetun}", "train.strategy: must be one of feature_extraction, finetune, gradual, "
                                             "got 'finetun' (did you mean 'finetune'?); training from scratch is "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import models, train
+from pipeline import data, models, train
 from pipeline.errors import MedtlError
 
 from tests.conftest import TINY_SIZE as SIZE
@@ -89,7 +89,10 @@ def test_gradual_unfreezes_from_the_top():
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(images, tmp_path, strategy):
     params = replace(TINY, epochs=3, strategy=strategy)
     whole = _run(images, tmp_path / "whole", params)
-    assert _run(images, tmp_path / "killed", params, stop_after_epoch=1) is None
+    killed = train.Trainer(params, models.ModelParams(), images[0], images[1], tmp_path / "killed", progress=False)
+    killed.resume()
+    killed.run_epoch()  # then the process dies: no finish()
+    del killed
     assert not (tmp_path / "killed/model.pt").exists() and (tmp_path / "killed/checkpoints/last.pt").exists()
     resumed = _run(images, tmp_path / "killed", params)
     assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == whole.epochs_run == 3
@@ -122,7 +125,7 @@ def test_early_stopping_keeps_the_best_epoch(images, tmp_path):
 
 
 def test_labels_outside_the_classes_are_an_error_naming_the_file(images, tmp_path):
-    with pytest.raises(train.UnknownLabelsError, match=r"\['lesion'\].*index.parquet.*train.classes") as err:
+    with pytest.raises(data.UnknownLabelsError, match=r"\['lesion'\].*index.parquet.*train.classes") as err:
         _run(images, tmp_path, replace(TINY, classes=("normal", "tumour")))
     assert isinstance(err.value, MedtlError)
     assert "labels found: ['lesion', 'normal']" in str(err.value) and "or to auto" in str(err.value)
@@ -245,8 +248,8 @@ def test_min_steps_raises_the_epochs_of_a_small_training_set():
 
 
 def test_classes_auto_are_the_sorted_labels_and_the_card_says_so(images, tmp_path):
-    assert train.load_splits(images[0], images[1], "auto").classes == ("lesion", "normal")
-    assert train.load_splits(images[0], images[1], ("normal", "lesion")).classes == ("normal", "lesion")
+    assert data.load_splits(images[0], images[1], "auto").classes == ("lesion", "normal")
+    assert data.load_splits(images[0], images[1], ("normal", "lesion")).classes == ("normal", "lesion")
     _run(images, tmp_path, replace(TINY, classes="auto", epochs=1))
     card = json.loads((tmp_path / "model_card.json").read_text())
     assert card["input_spec"]["classes"] == card["params"]["train"]["classes"] == ["lesion", "normal"]
