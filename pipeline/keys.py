@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import MedtlError
+from pipeline.paths import SYNTH_MARKER, SYNTH_MARKER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -359,12 +360,10 @@ def synthetic_files(input_dir: Path) -> frozenset[str]:
     A marker that is unreadable, not synth's, or from before synth listed its files contributes
     nothing (with a warning): rerun ``medtl synth --out <dir>`` on it to list its files.
     """
-    from pipeline.synth import MARKER_FILES, MARKER_NAME  # synth is heavy (numpy, pydicom); only when needed
-
     folder = Path(input_dir).resolve()
     ids: set[str] = set()
     for where in (folder, *folder.parents[:2]):
-        marker = where / MARKER_NAME
+        marker = where / SYNTH_MARKER
         if not marker.is_file():
             continue
         try:
@@ -372,7 +371,7 @@ def synthetic_files(input_dir: Path) -> frozenset[str]:
         except (OSError, ValueError):
             log.warning("%s: unreadable synth marker; its files get no demo key", marker)
             continue
-        files = data.get(MARKER_FILES) if isinstance(data, dict) and data.get("synthetic") is True else None
+        files = data.get(SYNTH_MARKER_FILES) if isinstance(data, dict) and data.get("synthetic") is True else None
         if not isinstance(files, dict):
             log.warning("%s: synth marker without a file list; rerun `medtl synth --out %s` to list its files",
                         marker, where)

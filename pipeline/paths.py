@@ -33,6 +33,9 @@ PROMOTION = "promotion.json"
 CHAMPION = "champion.json"
 VAL_AUC_TSV = "live/plots/metrics/val/auc.tsv"       # dvclive's curve of val_auc (under MODELS_DIR)
 ELAPSED_TSV = "live/plots/metrics/time/elapsed_s.tsv"
+# the marker `medtl synth` writes beside its cohort; ingest reads it for the demo key and skips it as a file
+SYNTH_MARKER = "medtl_synth.json"
+SYNTH_MARKER_FILES = "files"  # the marker's field: relpath -> content id of every file synth wrote
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import MedtlError
+from pipeline.paths import SYNTH_MARKER
 from pipeline.sources import BAD_NAME, MB, SPECIAL_FILE, SYMLINK, TOO_LARGE, UNREADABLE, Entry
 
-SIDECAR_NAMES = frozenset({"medtl_synth.json"})  # written by `medtl synth` next to the tree
+SIDECAR_NAMES = frozenset({SYNTH_MARKER})  # written by `medtl synth` next to the tree
 
 
 class SourceError(MedtlError):

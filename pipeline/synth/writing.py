@@ -14,13 +14,14 @@ import numpy as np
 
 from pipeline.io_utils import atomic_write_bytes, content_hash, remove_stale_temps
 from pipeline.params import ParamsError, param
+from pipeline.paths import SYNTH_MARKER, SYNTH_MARKER_FILES
 from pipeline.synth.planning import GENERATOR_VERSION, PatientPlan, plan_patient, planned_files, series_of
 from pipeline.synth.rendering import ct_pixel_spacing, instance_uid, proj_pixel_spacing, render_patient
 
 log = logging.getLogger(__package__)  # "pipeline.synth", as before the package
 
-MARKER_NAME = "medtl_synth.json"
-MARKER_FILES = "files"  # the marker's field: relpath (under DIR) -> content id of every file synth wrote
+MARKER_NAME = SYNTH_MARKER
+MARKER_FILES = SYNTH_MARKER_FILES  # the marker's field: relpath (under DIR) -> content id of every file synth wrote
 LABELS_NAME = "labels.csv"
 LESIONS_NAME = "lesions.csv"
 LESIONS_HEADER = "study_instance_uid,series_instance_uid,sop_instance_uid,row,col,radius_px,radius_mm"
