@@ -139,8 +139,15 @@ def _pr_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float(average_precision_score(y, s)) if _has_both_classes(y) else math.nan
 
 
-def _rank_auc(y: np.ndarray, s: np.ndarray) -> float:
+def rank_auc(y: np.ndarray, s: np.ndarray) -> float:
     """ROC-AUC as the Mann-Whitney U statistic (ties count 1/2), equal to ``roc_auc_score``.
+
+    Args:
+        y: (n,) int 0/1 labels, not validated.
+        s: (n,) float scores.
+
+    Returns:
+        The AUC as a float; nan when ``y`` holds one class.
 
     Bootstrap loops use this instead of ``roc_auc_score``, whose input validation costs ~20x the
     arithmetic (about 4 ms a call on 1000 images with scikit-learn 1.9).
@@ -336,6 +343,43 @@ def _patient_resamples(codes: np.ndarray, n_boot: int, seed: int):
         yield by_patient[offsets + np.arange(lengths.sum())]
 
 
+def paired_auc_difference(
+    y_true,
+    scores_a,
+    scores_b,
+    patient,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict:
+    """AUC of ``a`` minus AUC of ``b`` on the same images, with a paired patient-bootstrap interval.
+
+    Each resample draws patients once and scores every model on it, so errors the models share on
+    hard cases cancel: the interval of the difference is narrower than two independent intervals suggest.
+
+    Args:
+        y_true: (n,) int 0/1 labels.
+        scores_a: (n,) or (n, k) scores; with k columns (e.g. one per seed) the AUC of ``a`` is the mean
+            of the columns' AUCs.
+        scores_b: (n,) or (n, m) scores of the other side, likewise.
+        patient: (n,) patient identifiers.
+        n_boot, seed, alpha: as in :func:`patient_bootstrap`.
+
+    Returns:
+        :func:`patient_bootstrap`'s dict: ``estimate`` (the difference on all data, nan on one-class
+        ``y_true``), ``ci``, ``n_boot``, ``n_skipped``, ``level``.
+    """
+    a, b = (np.asarray(s, dtype=float) for s in (scores_a, scores_b))
+    a, b = (s[:, None] if s.ndim == 1 else s for s in (a, b))
+    k = a.shape[1]
+
+    def difference(yb: np.ndarray, sb: np.ndarray) -> float:
+        aucs = [rank_auc(yb, sb[:, i]) for i in range(sb.shape[1])]
+        return float(np.mean(aucs[:k]) - np.mean(aucs[k:]))
+
+    return patient_bootstrap(y_true, np.column_stack([a, b]), patient, difference, n_boot, seed, alpha)
+
+
 def roc_band(y_true, score, patient, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
              grid_points: int = 101) -> list[dict]:
     """Pointwise patient-bootstrap band of the ROC curve: TPR and its interval at fixed FPRs.
@@ -407,7 +451,7 @@ def subgroup_table(
             auc_ci = None
             # one patient cannot be resampled: an interval over patients does not exist there
             if n_boot > 0 and _has_both_classes(y) and sub[patient_col].nunique(dropna=False) >= 2:
-                auc_ci = patient_bootstrap(y, s, sub[patient_col].to_numpy(), _rank_auc, n_boot, seed)["ci"]
+                auc_ci = patient_bootstrap(y, s, sub[patient_col].to_numpy(), rank_auc, n_boot, seed)["ci"]
             op = operating_point(y, s, threshold)
             rows.append({
                 "group": column,
@@ -459,7 +503,7 @@ def evaluate_split(
     return {
         **operating_point(y, s, threshold),
         **_binary_discrimination(y, s),
-        "auc_ci": ci(_rank_auc),
+        "auc_ci": ci(rank_auc),
         "pr_auc_ci": ci(_pr_auc),
         "sensitivity_ci": ci(_sensitivity_at(threshold)),
         "specificity_ci": ci(_specificity_at(threshold)),

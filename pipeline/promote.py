@@ -117,17 +117,11 @@ def compare(challenger: pd.DataFrame, champion: pd.DataFrame, params: PromotePar
     merged = _join(challenger, champion)
     y = merged["y_true"].to_numpy(int)
     scores = merged[["score_challenger", "score_champion"]].to_numpy(float)
-    challenger_auc, champion_auc = (metrics._rank_auc(y, scores[:, i]) for i in (0, 1))
+    challenger_auc, champion_auc = (metrics.rank_auc(y, scores[:, i]) for i in (0, 1))
     if math.isnan(challenger_auc):
         raise ValueError(f"the {len(y)} test images hold one class: AUC is undefined, nothing to compare")
-
-    def paired_difference(yb: np.ndarray, sb: np.ndarray) -> float:
-        # Both models on the same resample: their errors on shared hard cases cancel, which makes
-        # the interval of the difference narrower than two independent intervals suggest.
-        return metrics._rank_auc(yb, sb[:, 0]) - metrics._rank_auc(yb, sb[:, 1])
-
-    boot = metrics.patient_bootstrap(y, scores, merged["patient_key"].to_numpy(), paired_difference,
-                                     n_boot=params.n_boot, seed=params.seed, alpha=1 - CI_LEVEL)
+    boot = metrics.paired_auc_difference(y, scores[:, 0], scores[:, 1], merged["patient_key"].to_numpy(),
+                                         n_boot=params.n_boot, seed=params.seed, alpha=1 - CI_LEVEL)
     difference = challenger_auc - champion_auc
     rows = _subgroup_rows(merged, [c for c in subgroups if c in merged.columns], params)
     return {
@@ -171,7 +165,7 @@ def _subgroup_rows(merged: pd.DataFrame, columns: list[str], params: PromotePara
             y = sub["y_true"].to_numpy(int)
             n_positive = int(y.sum())
             compared = len(sub) >= params.min_subgroup_images and 0 < n_positive < len(sub)
-            aucs = [metrics._rank_auc(y, sub[c].to_numpy(float)) for c in ("score_challenger", "score_champion")]
+            aucs = [metrics.rank_auc(y, sub[c].to_numpy(float)) for c in ("score_challenger", "score_champion")]
             difference = aucs[0] - aucs[1]
             rows.append({
                 "group": column,

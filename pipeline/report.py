@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import copy
 import html
-import io
 import json
 import logging
 import math
@@ -37,9 +36,9 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle
-from PIL import Image
 
-from pipeline import models
+from pipeline import formatting, models
+from pipeline.formatting import cell, interval, missing, num, table
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 from pipeline.lesions import peaks as map_peaks
 
@@ -182,7 +181,7 @@ def build_report(out_dir: Path, *, metrics: dict, predictions: pd.DataFrame, his
     png: dict[str, bytes] = {}
     for name, figure in drawn.items():
         paths[name] = figures_dir / f"{name}.png"
-        png[f"figures/{name}.png"] = _png(figure)
+        png[f"figures/{name}.png"] = formatting.png(figure, dpi=DPI)
         atomic_write_bytes(paths[name], png[f"figures/{name}.png"])
     sidecar = {"class": positive, "layer": models.backbone(backbone).gradcam_layer,
                "examples": {key: [{"image_id": r.image_id, "patient_key": r.patient_key, "score": float(r.score)}
@@ -210,16 +209,6 @@ def _select_examples(test: pd.DataFrame, n: int) -> dict[str, pd.DataFrame]:
 
 # ---------------------------------------------------------------------------------------------------- figures
 
-def _png(figure: Figure) -> bytes:
-    """``figure`` as a 256-colour PNG: about a third of matplotlib's RGBA file for noisy medical images,
-    which keeps a three-panel Grad-CAM figure of 224 x 224 images near 130 kB, with no visible loss."""
-    rgba = io.BytesIO()
-    figure.savefig(rgba, format="png", dpi=DPI)
-    out = io.BytesIO()
-    Image.open(rgba).convert("RGB").quantize(256).save(out, format="png", optimize=True)
-    return out.getvalue()
-
-
 def _roc_figure(test_metrics: dict, roc: list[dict], band: list[dict], level: float) -> Figure:
     fig = Figure(figsize=(4.6, 4.4), layout="constrained")
     ax = fig.add_subplot()
@@ -227,10 +216,10 @@ def _roc_figure(test_metrics: dict, roc: list[dict], band: list[dict], level: fl
         ax.fill_between([p["fpr"] for p in band], [p["tpr_lo"] for p in band], [p["tpr_hi"] for p in band],
                         color="tab:blue", alpha=0.18, linewidth=0, label=f"{level:.0%} CI (patient bootstrap)")
     ax.plot([p["fpr"] for p in roc], [p["tpr"] for p in roc], color="tab:blue", linewidth=2,
-            label=f"AUC {_num(test_metrics['auc'])} {_ci(test_metrics.get('auc_ci'))}")
+            label=f"AUC {num(test_metrics['auc'])} {interval(test_metrics.get('auc_ci'))}")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
     ax.plot(1 - test_metrics["specificity"], test_metrics["sensitivity"], "o", color="tab:red", markersize=7,
-            label=f"threshold {_num(test_metrics['threshold'])}")
+            label=f"threshold {num(test_metrics['threshold'])}")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 − specificity (false positive rate)",
            ylabel="sensitivity (true positive rate)", title="ROC, test split")
     ax.set_aspect("equal")
@@ -248,7 +237,7 @@ def _confusion_figure(test_metrics: dict, negative: str, positive: str) -> Figur
                 color="white" if count > matrix.max() / 2 else "black")
     ax.set_xticks([0, 1], [negative, positive])
     ax.set_yticks([0, 1], [negative, positive])
-    ax.set(xlabel="predicted", ylabel="actual", title=f"Test split at threshold {_num(test_metrics['threshold'])}")
+    ax.set(xlabel="predicted", ylabel="actual", title=f"Test split at threshold {num(test_metrics['threshold'])}")
     return fig
 
 
@@ -263,7 +252,7 @@ def _calibration_figure(test_metrics: dict, y_true: np.ndarray, scores: np.ndarr
                 s=20 + 200 * counts / max(counts.max(initial=0), 1), color="tab:blue", zorder=3,
                 label="bins (size ∝ images)")
     top.set(ylim=(-0.02, 1.02), ylabel="fraction positive",
-            title=f"Calibration, test: Brier {_num(test_metrics['brier'])} · ECE {_num(test_metrics['ece'])}")
+            title=f"Calibration, test: Brier {num(test_metrics['brier'])} · ECE {num(test_metrics['ece'])}")
     top.legend(loc="upper left", fontsize=8)
     edges = np.linspace(0, 1, 21)
     bottom.hist([scores[y_true == 0], scores[y_true == 1]], bins=edges, stacked=True,
@@ -320,64 +309,38 @@ def _gradcam_figure(title: str, images: np.ndarray, maps: np.ndarray, captions: 
 
 # ---------------------------------------------------------------------------------------------------- text
 
-def _num(value) -> str:
-    """A metric to 3 decimals; None or nan as an en dash."""
-    return "–" if _missing(value) else f"{value:.3f}"
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _ci(ci) -> str:
-    """``[lo, hi]`` to 3 decimals, or an en dash when absent or undefined."""
-    if not ci or any(_num(v) == "–" for v in ci):
-        return "–"
-    return f"[{_num(ci[0])}, {_num(ci[1])}]"
-
-
-def _cell(value) -> str:
-    """Any value as text safe in a Markdown table cell and in the HTML made from it."""
-    return html.escape(str(value), quote=False).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(row) + " |" for row in rows), ""]
-
-
 def _markdown(title: str, metrics: dict, negative: str, positive: str, history: list[dict] | None, card: dict,
               examples: dict[str, pd.DataFrame], backbone: str) -> str:
     test, val = metrics["test"], metrics.get("val") or {}
     threshold = metrics["threshold"]
     level = f"{test.get('ci_level', 0.95):.0%} CI"
     lines = [
-        f"# {_cell(title)}", "",
-        f"**Test AUC {_num(test['auc'])} {_ci(test.get('auc_ci'))}** · sensitivity {_num(test['sensitivity'])} "
-        f"{_ci(test.get('sensitivity_ci'))} · specificity {_num(test['specificity'])} "
-        f"{_ci(test.get('specificity_ci'))} at threshold {_num(threshold['value'])} · "
+        f"# {cell(title)}", "",
+        f"**Test AUC {num(test['auc'])} {interval(test.get('auc_ci'))}** · sensitivity {num(test['sensitivity'])} "
+        f"{interval(test.get('sensitivity_ci'))} · specificity {num(test['specificity'])} "
+        f"{interval(test.get('specificity_ci'))} at threshold {num(threshold['value'])} · "
         f"{test['n_images']} images of {test['n_patients']} patients ({test['n_positive']} positive)", "",
-        f"Positive class: **{_cell(positive)}** (negative: {_cell(negative)}). Intervals are {level}s from a "
+        f"Positive class: **{cell(positive)}** (negative: {cell(negative)}). Intervals are {level}s from a "
         f"bootstrap over patients ({test.get('n_boot', '–')} resamples), so images of one patient count together.",
         "",
         "## Test metrics", "",
     ]
-    rows = [[name, _num(test.get(key)), _ci(test.get(f"{key}_ci")), _num(val.get(key))]
+    rows = [[name, num(test.get(key)), interval(test.get(f"{key}_ci")), num(val.get(key))]
             for name, key in (("AUC", "auc"), ("PR-AUC (average precision)", "pr_auc"), ("Sensitivity", "sensitivity"),
                               ("Specificity", "specificity"), ("PPV", "ppv"), ("NPV", "npv"), ("F1", "f1"),
                               ("Accuracy", "accuracy"), ("Balanced accuracy", "balanced_accuracy"),
                               ("Brier score", "brier"), ("ECE", "ece"))]
     rows += [[name, str(test[key]), "", str(val.get(key, "–"))]
              for name, key in (("Images", "n_images"), ("Patients", "n_patients"), ("Positive images", "n_positive"))]
-    lines += _table(["Metric", "Test", level, "Validation"], rows)
+    lines += table(["Metric", "Test", level, "Validation"], rows)
 
     how = {"youden": "maximises sensitivity + specificity − 1",
-           "sensitivity": f"the highest threshold reaching sensitivity ≥ {_num(threshold.get('target_sensitivity'))}"}
-    chosen_on = {"val": "the validation split"}.get(threshold.get("chosen_on"), _cell(threshold.get("chosen_on")))
+           "sensitivity": f"the highest threshold reaching sensitivity ≥ {num(threshold.get('target_sensitivity'))}"}
+    chosen_on = {"val": "the validation split"}.get(threshold.get("chosen_on"), cell(threshold.get("chosen_on")))
     lines += ["## Operating threshold", "",
-              f"**{_num(threshold['value'])}**, method `{_cell(threshold['method'])}` "
+              f"**{num(threshold['value'])}**, method `{cell(threshold['method'])}` "
               f"({how.get(threshold['method'], 'as configured')}), chosen on {chosen_on} and applied unchanged to "
-              f"the test split. An image is called {_cell(positive)} when its score is at or above it.", ""]
+              f"the test split. An image is called {cell(positive)} when its score is at or above it.", ""]
 
     lines += ["## ROC curve", "", "![ROC curve of the test split](figures/roc.png)", "",
               "## Confusion matrix", "", "![Confusion matrix of the test split](figures/confusion.png)", "",
@@ -391,19 +354,19 @@ def _markdown(title: str, metrics: dict, negative: str, positive: str, history: 
     lines += ["## Subgroups (test split)", ""]
     subgroups = (metrics.get("subgroups") or {}).get("test") or []
     if subgroups:
-        lines += _table(
+        lines += table(
             ["Group", "Value", "Images", "Patients", "Positives", f"AUC [{level}]", "Sensitivity", "Specificity"],
-            [[_cell(r["group"]), _cell("(missing)" if _missing(r["value"]) else r["value"]), str(r["n_images"]),
+            [[cell(r["group"]), cell("(missing)" if missing(r["value"]) else r["value"]), str(r["n_images"]),
               str(r["n_patients"]), str(r["n_positive"]),
-              _num(r["auc"]) + (f" {_ci(r['auc_ci'])}" if r.get("auc_ci") else ""),
-              _num(r["sensitivity"]), _num(r["specificity"])] for r in subgroups])
+              num(r["auc"]) + (f" {interval(r['auc_ci'])}" if r.get("auc_ci") else ""),
+              num(r["sensitivity"]), num(r["specificity"])] for r in subgroups])
     else:
         lines += ["No subgroup breakdown was computed.", ""]
 
     lines += ["## Grad-CAM examples", "",
               "*Grad-CAM shows where the model looked, not why it decided: a plausible map is not evidence "
               "that a prediction is right.*", "",
-              f"Heat maps of the **{_cell(positive)}** score from layer `{models.backbone(backbone).gradcam_layer}`, "
+              f"Heat maps of the **{cell(positive)}** score from layer `{models.backbone(backbone).gradcam_layer}`, "
               "over the image's channel mean; captions give the image id prefix and the score.", ""]
     lines += _localisation_text(test.get("localisation"), level)
     for key, name, ranking in CATEGORIES:
@@ -422,8 +385,8 @@ def _localisation_text(found: dict | None, level: str) -> list[str]:
     """The localisation hit rate paragraph (nothing without lesion ground truth)."""
     if not found:
         return []
-    rate = _num(found["hit_rate"])
-    ci = "" if found.get("ci_low") is None else f" {_ci([found['ci_low'], found['ci_high']])} ({level})"
+    rate = num(found["hit_rate"])
+    ci = "" if found.get("ci_low") is None else f" {interval([found['ci_low'], found['ci_high']])} ({level})"
     return [f"**Localisation: hit rate {rate}{ci}** — the Grad-CAM maximum lies inside the ground-truth lesion on "
             f"{found['n_hits']} of {found['n_images']} true-positive test images with ground truth "
             f"({found['n_true_positives']} true positives in all; {found['n_patients']} patients; "
@@ -434,7 +397,7 @@ def _localisation_text(found: dict | None, level: str) -> list[str]:
 def _pointing_text(game: dict | None, level: str) -> list[str]:
     if not game or game.get("hit_rate") is None:
         return []
-    ci = "" if game.get("ci_low") is None else f" {_ci([game['ci_low'], game['ci_high']])} ({level})"
+    ci = "" if game.get("ci_low") is None else f" {interval([game['ci_low'], game['ci_high']])} ({level})"
     return [f"Pointing game (the maximum within the lesion or {game['tolerance_px']:g} px of it: half a cell of the "
             f"Grad-CAM layer's {game['layer_stride_px']:g}-px grid): {game['hit_rate']:.3f}{ci}.", ""]
 
@@ -476,7 +439,7 @@ def _card_summary(card: dict) -> list[str]:
             f"{split} {n} images / {(data.get('patients') or {}).get(split, '–')} patients"
             for split, n in data["images"].items()),
         "Model selection": validation and (
-            f"epoch {validation.get('best_epoch', '–')}, validation AUC {_num(validation.get('auc'))} "
+            f"epoch {validation.get('best_epoch', '–')}, validation AUC {num(validation.get('auc'))} "
             f"({validation.get('selection', '–')})"),
         "Training run": training and (
             f"{training.get('epochs_run', '–')} epochs{' (stopped early)' if training.get('stopped_early') else ''} "
@@ -485,7 +448,7 @@ def _card_summary(card: dict) -> list[str]:
         "Intended use": card.get("intended_use"),
         "Limitations": card.get("limitations") and "; ".join(map(str, card["limitations"])),
     }
-    lines = _table(["Field", "Value"], [[name, _cell(value)] for name, value in fields.items() if value])
+    lines = table(["Field", "Value"], [[name, cell(value)] for name, value in fields.items() if value])
     body = json.dumps(card, indent=2, default=str)
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", body)), default=0))
     return lines + ["<details>", "<summary>Full model card (JSON)</summary>", "",

@@ -7,7 +7,7 @@ experiments and says, from the numbers, whether pretraining helped:
   ``model.pretrained: none`` + ``train.strategy: finetune`` (the whole network learns at the full
   rate); ``feature_extraction``, ``finetune`` and ``gradual`` = ImageNet weights + that strategy.
   A fraction keeps a nested, class-stratified subset of the TRAINING patients (``train.fraction``,
-  :func:`pipeline.train.train_subset`): the 10 % patients are inside the 25 % ones; validation and
+  :func:`pipeline.data.train_subset`): the 10 % patients are inside the 25 % ones; validation and
   test are the same for every run, which :func:`compare` checks image by image.
 - every run is ``dvc exp run --queue -S ... --name <prefix>-<strategy>-<pct>pct-s<seed>``, then the
   queue runs (``dvc exp run --run-all -j N``). Results stay DVC experiments: ``dvc exp show``,
@@ -48,18 +48,17 @@ import pandas as pd
 
 from pipeline import paths
 from pipeline.dvc_cli import run_dvc
+from pipeline.formatting import num, pct, png
 from pipeline.io_utils import atomic_write_bytes, atomic_write_text
 from pipeline.errors import MedtlError
 from pipeline.params import ParamsError, check, param, section, suggest
+from pipeline.strategies import LABELS, SCRATCH, STUDY_STRATEGIES
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("scratch", "feature_extraction", "finetune", "gradual")
-LABELS = {"scratch": "scratch", "feature_extraction": "feature extraction", "finetune": "fine-tuning",
-          "gradual": "gradual unfreezing"}
-COLOURS = {"scratch": "tab:grey", "feature_extraction": "tab:orange", "finetune": "tab:blue", "gradual": "tab:green"}
+COLOURS = {SCRATCH: "tab:grey", "feature_extraction": "tab:orange", "finetune": "tab:blue", "gradual": "tab:green"}
 #: the summary's paired comparisons: ``vs_<reference>`` (difference), ``vs_<reference>_lo`` / ``_hi`` (CI)
-REFERENCES = ("scratch", "finetune")
+REFERENCES = (SCRATCH, "finetune")
 #: params each run sets itself; a grid's ``overrides`` may not touch them
 RUN_KEYS = ("model.pretrained", "train.strategy", "train.fraction", "train.fraction_seed", "train.seed",
             "train.epochs", "train.patience", "train.min_steps")
@@ -96,7 +95,7 @@ class StudyGrid:
     """One grid of ``study.grids`` in params.yaml.
 
     Attributes:
-        strategies: from :data:`STRATEGIES`.
+        strategies: from :data:`pipeline.strategies.STUDY_STRATEGIES`.
         fractions: shares of the training patients, in (0, 1]; sorted ascending.
         seeds: one run per seed (``train.seed`` and ``train.fraction_seed``: another seed draws
             another nested subset and another initialisation/order).
@@ -114,7 +113,7 @@ class StudyGrid:
             ``preprocess.size``, ``evaluate.n_boot``, ``evaluate.gradcam_examples``).
     """
 
-    strategies: tuple[str, ...] = param(STRATEGIES, choices=STRATEGIES)
+    strategies: tuple[str, ...] = param(STUDY_STRATEGIES, choices=STUDY_STRATEGIES)
     fractions: tuple[float, ...] = param((0.1, 0.25, 0.5, 1.0), min=0, min_exclusive=True, max=1)
     seeds: tuple[int, ...] = param((0,), min=0)
     epochs: int = param(6, min=1)
@@ -215,7 +214,7 @@ def plan(grid: StudyGrid, prefix: str = "study", pretrained: str = "imagenet") -
     for seed in grid.seeds:
         for fraction in grid.fractions:
             for strategy in grid.strategies:
-                model = ({"model.pretrained": "none", "train.strategy": "finetune"} if strategy == "scratch"
+                model = ({"model.pretrained": "none", "train.strategy": "finetune"} if strategy == SCRATCH
                          else {"model.pretrained": weights, "train.strategy": strategy})
                 overrides = {**grid.overrides, **model, "train.fraction": fraction, "train.fraction_seed": seed,
                              "train.seed": seed, "train.epochs": grid.epochs, "train.patience": grid.patience,
@@ -491,14 +490,9 @@ def paired_difference(a: Sequence[pd.DataFrame], b: Sequence[pd.DataFrame], n_bo
     if set(np.unique(y)) - {0, 1} or len(np.unique(y)) < 2:
         return math.nan, math.nan, math.nan
     scores = np.column_stack([f["score"].to_numpy(float) for f in frames])
-    k = len(a)
-
-    def difference(yb: np.ndarray, sb: np.ndarray) -> float:
-        aucs = [metrics._rank_auc(yb, sb[:, i]) for i in range(sb.shape[1])]
-        return float(np.mean(aucs[:k]) - np.mean(aucs[k:]))
-
-    boot = metrics.patient_bootstrap(y, scores, frames[0]["patient_key"].to_numpy(), difference, n_boot=n_boot,
-                                     seed=seed, alpha=1 - ci_level)
+    patient = frames[0]["patient_key"].to_numpy()
+    boot = metrics.paired_auc_difference(y, scores[:, :len(a)], scores[:, len(a):], patient, n_boot=n_boot, seed=seed,
+                                         alpha=1 - ci_level)
     lo, hi = boot["ci"]
     return float(boot["estimate"]), float(lo), float(hi)
 
@@ -520,7 +514,7 @@ def compare(table: pd.DataFrame, predictions: dict[str, pd.DataFrame], n_boot: i
     strategies ran; nan for the reference itself or where it did not run), ``best_epoch``,
     ``epochs_to_target``, ``time_to_target_s`` (medians over seeds; nan: not reached) and ``train_time_s``
     (mean), ``test_patients`` (the same for every row). Rows are ordered by fraction, then by
-    :data:`STRATEGIES`.
+    :data:`pipeline.strategies.STUDY_STRATEGIES`.
     """
     check_same_evaluation_sets(predictions)
     first = next(iter(predictions.values()))
@@ -546,7 +540,7 @@ def compare(table: pd.DataFrame, predictions: dict[str, pd.DataFrame], n_boot: i
                     "train_time_s": group["train_time_s"].mean(), "test_patients": test_patients})
         rows.append(row)
     summary = pd.DataFrame(rows)
-    order = {s: i for i, s in enumerate(STRATEGIES)}
+    order = {s: i for i, s in enumerate(STUDY_STRATEGIES)}
     return summary.sort_values(["fraction", "strategy"], key=lambda c: c.map(order) if c.name == "strategy" else c,
                                ignore_index=True)
 
@@ -554,21 +548,17 @@ def compare(table: pd.DataFrame, predictions: dict[str, pd.DataFrame], n_boot: i
 # ---------------------------------------------------------------------------------------- findings
 
 
-def _pct(fraction: float) -> str:
-    return f"{fraction * 100:g}%"
-
-
 def _join(items: Sequence[str]) -> str:
     items = list(items)
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _ci(lo: float, hi: float, level: float) -> str:
+def _ci_words(lo: float, hi: float, level: float) -> str:
     return f"{level:.0%} CI {lo:+.2f} to {hi:+.2f}"
 
 
 def _diff(value: float, lo: float, hi: float, level: float) -> str:
-    return f"{value:+.2f} AUC, {_ci(lo, hi, level)}"
+    return f"{value:+.2f} AUC, {_ci_words(lo, hi, level)}"
 
 
 def _verdict(lo: float, hi: float) -> str:
@@ -577,12 +567,12 @@ def _verdict(lo: float, hi: float) -> str:
 
 def _within_phrase(within: list[float], fractions: list[float]) -> str:
     if within == fractions:
-        return "at every fraction" if len(fractions) > 1 else f"at {_pct(fractions[0])}"
+        return "at every fraction" if len(fractions) > 1 else f"at {pct(fractions[0])}"
     if not within:
         return "at no fraction"
     if within == fractions[:len(within)]:
-        return f"at ≤ {_pct(within[-1])} of the training data"
-    return "at " + _join([_pct(f) for f in within])
+        return f"at ≤ {pct(within[-1])} of the training data"
+    return "at " + _join([pct(f) for f in within])
 
 
 #: what to check before a pretrained strategy's loss is read as a property of the data
@@ -619,34 +609,34 @@ def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_leve
     level = ci_level
     fractions = sorted(summary["fraction"].unique())
     by = {(r.strategy, r.fraction): r for r in summary.itertuples(index=False)}
-    strategies = [s for s in STRATEGIES if any((s, f) in by for f in fractions)]
-    pretrained = [s for s in strategies if s != "scratch"]
+    strategies = [s for s in STUDY_STRATEGIES if any((s, f) in by for f in fractions)]
+    pretrained = [s for s in strategies if s != SCRATCH]
     sentences: list[str] = []
 
     def valid(row, ref: str) -> bool:
         return row is not None and not any(math.isnan(getattr(row, f"vs_{ref}{x}")) for x in ("", "_lo", "_hi"))
 
     negative = []
-    if "scratch" in strategies:
+    if SCRATCH in strategies:
         for f in fractions:
             parts = []
             for s in pretrained:
                 row = by.get((s, f))
-                if not valid(row, "scratch"):
+                if not valid(row, SCRATCH):
                     continue
                 d, lo, hi = row.vs_scratch, row.vs_scratch_lo, row.vs_scratch_hi
                 verdict = _verdict(lo, hi)
                 if verdict == "better":
-                    parts.append(f"{LABELS[s]} beats scratch by {d:+.2f} AUC ({_ci(lo, hi, level)})")
+                    parts.append(f"{LABELS[s]} beats scratch by {d:+.2f} AUC ({_ci_words(lo, hi, level)})")
                 elif verdict == "worse":
-                    parts.append(f"{LABELS[s]} is below scratch by {d:+.2f} AUC ({_ci(lo, hi, level)})")
-                    negative.append(f"{LABELS[s]} at {_pct(f)} ({d:+.2f} AUC vs scratch, {_ci(lo, hi, level)})")
+                    parts.append(f"{LABELS[s]} is below scratch by {d:+.2f} AUC ({_ci_words(lo, hi, level)})")
+                    negative.append(f"{LABELS[s]} at {pct(f)} ({d:+.2f} AUC vs scratch, {_ci_words(lo, hi, level)})")
                 else:
                     parts.append(f"{LABELS[s]} is within CI of scratch ({_diff(d, lo, hi, level)})")
             if parts:
-                patients = by[("scratch", f)].train_patients if ("scratch", f) in by else None
+                patients = by[(SCRATCH, f)].train_patients if (SCRATCH, f) in by else None
                 who = f" ({patients} patients)" if patients is not None else ""
-                sentences.append(f"At {_pct(f)} of the training data{who}: " + "; ".join(parts) + ".")
+                sentences.append(f"At {pct(f)} of the training data{who}: " + "; ".join(parts) + ".")
 
     if "finetune" in strategies:
         for s in [p for p in pretrained if p != "finetune"]:
@@ -659,17 +649,17 @@ def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_leve
             for verdict, winner, sign in (("worse", "fine-tuning", -1), ("better", LABELS[s], 1)):
                 cases = [f for f in compared if _verdict(rows[f].vs_finetune_lo, rows[f].vs_finetune_hi) == verdict]
                 if cases:
-                    details = [f"{_pct(f)} ({_diff(sign * rows[f].vs_finetune, *sorted((sign * rows[f].vs_finetune_lo, sign * rows[f].vs_finetune_hi)), level)})"
+                    details = [f"{pct(f)} ({_diff(sign * rows[f].vs_finetune, *sorted((sign * rows[f].vs_finetune_lo, sign * rows[f].vs_finetune_hi)), level)})"
                                for f in cases]
                     text += f"; {winner} is better at " + _join(details)
             sentences.append(text + ".")
             losing = [f for f in compared if _verdict(rows[f].vs_finetune_lo, rows[f].vs_finetune_hi) == "better"]
             if losing:
-                sentences.append(f"Fine-tuning losing to {LABELS[s]} at {_join([_pct(f) for f in losing])} is more "
+                sentences.append(f"Fine-tuning losing to {LABELS[s]} at {_join([pct(f) for f in losing])} is more "
                                  f"likely its recipe than the data: it starts from the same features with more "
                                  f"freedom. {RECIPE_CHECKS}")
 
-    if "scratch" in strategies and pretrained:
+    if SCRATCH in strategies and pretrained:
         if negative:
             sentences.append("Pretrained below scratch: " + "; ".join(negative) + ". Before reading this as negative "
                              f"transfer, rule out an artefact: {RECIPE_CHECKS}")
@@ -682,7 +672,7 @@ def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_leve
         rows = [by[(s, f)] for s in strategies if (s, f) in by and not math.isnan(by[(s, f)].test_auc)]
         if rows:
             top = max(rows, key=lambda r: r.test_auc)
-            best.append(f"{_pct(f)}: {LABELS[top.strategy]} {top.test_auc:.2f} "
+            best.append(f"{pct(f)}: {LABELS[top.strategy]} {top.test_auc:.2f} "
                         f"({level:.0%} CI {top.test_auc_lo:.2f} to {top.test_auc_hi:.2f})")
     if best:
         sentences.append("Highest test AUC per fraction: " + "; ".join(best) + ".")
@@ -699,7 +689,7 @@ def findings(summary: pd.DataFrame, target_val_auc: float | None = None, ci_leve
             if missed:
                 epochs = max(int(r.epochs) for r in missed)
                 parts.append(f"{_join([LABELS[r.strategy] for r in missed])} not within {epochs} epoch{'s' if epochs != 1 else ''}")
-            sentences.append(f"Validation AUC {target_val_auc:g} reached with {_pct(f)} of the training data: "
+            sentences.append(f"Validation AUC {target_val_auc:g} reached with {pct(f)} of the training data: "
                              + "; ".join(parts) + ".")
     return sentences
 
@@ -711,7 +701,7 @@ def _chance_and_resolution(summary: pd.DataFrame, strategies: list[str], fractio
              if r.fraction == f and r.strategy in strategies and not math.isnan(r.test_auc)]
     if not cells:
         return []
-    name = lambda r: f"{LABELS[r.strategy]} at {_pct(r.fraction)}"  # noqa: E731
+    name = lambda r: f"{LABELS[r.strategy]} at {pct(r.fraction)}"  # noqa: E731
     above = [r for r in cells if r.test_auc_lo > 0.5]
     below = [r for r in cells if r.test_auc_hi < 0.5]
     chance = f"above chance (its {level:.0%} CI excludes 0.5)"
@@ -748,14 +738,14 @@ def _figure_learning_curve(summary: pd.DataFrame, level: float):
 
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for strategy in [s for s in STRATEGIES if s in set(summary["strategy"])]:
+    for strategy in [s for s in STUDY_STRATEGIES if s in set(summary["strategy"])]:
         rows = summary[summary["strategy"] == strategy].sort_values("fraction")
         x = rows["fraction"] * 100
         ax.fill_between(x, rows["test_auc_lo"], rows["test_auc_hi"], color=COLOURS[strategy], alpha=0.15, linewidth=0)
         ax.plot(x, rows["test_auc"], marker="o", color=COLOURS[strategy], label=LABELS[strategy])
     fractions = sorted(summary["fraction"].unique())
     ax.set_xscale("log")
-    ax.set_xticks([f * 100 for f in fractions], [_pct(f) for f in fractions])
+    ax.set_xticks([f * 100 for f in fractions], [pct(f) for f in fractions])
     ax.minorticks_off()
     ax.axhline(0.5, color="black", linewidth=0.6, linestyle=":")
     ax.set_xlabel("training patients used (nested subsets)")
@@ -774,11 +764,11 @@ def _figure_convergence(curves: pd.DataFrame, target: float):
     axes = fig.subplots(1, len(fractions), sharey=True, squeeze=False)[0]
     for ax, fraction in zip(axes, fractions):
         part = curves[curves["fraction"] == fraction]
-        for strategy in [s for s in STRATEGIES if s in set(part["strategy"])]:
+        for strategy in [s for s in STUDY_STRATEGIES if s in set(part["strategy"])]:
             mean = part[part["strategy"] == strategy].groupby("epoch")["val_auc"].mean()
             ax.plot(mean.index, mean.to_numpy(), marker=".", color=COLOURS[strategy], label=LABELS[strategy])
         ax.axhline(target, color="black", linewidth=0.8, linestyle="--")
-        ax.set_title(f"{_pct(fraction)} of training data")
+        ax.set_title(f"{pct(fraction)} of training data")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel(f"validation AUC (dashed: target {target:g})")
@@ -786,21 +776,11 @@ def _figure_convergence(curves: pd.DataFrame, target: float):
     return fig
 
 
-def _png(figure) -> bytes:
-    out = io.BytesIO()
-    figure.savefig(out, format="png", dpi=110)
-    return out.getvalue()
-
-
-def _num(value: float, digits: int = 3) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
 def summary_markdown(summary: pd.DataFrame, level: float = 0.95) -> str:
     """The summary as a markdown table (one row per strategy and fraction)."""
-    pct = f"{level:.0%}"
-    lines = [(f"| strategy | data | patients | test AUC ({pct} CI) | Δ vs scratch ({pct} CI) | "
-              f"Δ vs fine-tuning ({pct} CI) | best epoch | epochs to target | time to target | train time |"),
+    ci = f"{level:.0%} CI"
+    lines = [(f"| strategy | data | patients | test AUC ({ci}) | Δ vs scratch ({ci}) | "
+              f"Δ vs fine-tuning ({ci}) | best epoch | epochs to target | time to target | train time |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples(index=False):
         def delta(ref: str, r=r) -> str:
@@ -808,8 +788,8 @@ def summary_markdown(summary: pd.DataFrame, level: float = 0.95) -> str:
             return "–" if math.isnan(d) else f"{d:+.3f} [{getattr(r, f'vs_{ref}_lo'):+.3f}, {getattr(r, f'vs_{ref}_hi'):+.3f}]"
         target = NOT_REACHED if math.isnan(r.epochs_to_target) else f"{r.epochs_to_target:g}"
         seconds = NOT_REACHED if math.isnan(r.time_to_target_s) else f"{r.time_to_target_s:.0f} s"
-        lines.append(f"| {LABELS[r.strategy]} | {_pct(r.fraction)} | {r.train_patients} | {_num(r.test_auc)} "
-                     f"[{_num(r.test_auc_lo)}, {_num(r.test_auc_hi)}] | {delta('scratch')} | {delta('finetune')} | "
+        lines.append(f"| {LABELS[r.strategy]} | {pct(r.fraction)} | {r.train_patients} | {num(r.test_auc)} "
+                     f"[{num(r.test_auc_lo)}, {num(r.test_auc_hi)}] | {delta('scratch')} | {delta('finetune')} | "
                      f"{r.best_epoch:g} | {target} | {seconds} | {r.train_time_s:.0f} s |")
     return "\n".join(lines)
 
@@ -830,14 +810,14 @@ def report(table: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, sen
     out_dir = Path(out_dir)
     paths = {"markdown": out_dir / "study.md", "table": out_dir / "study.csv", "summary": out_dir / "study_summary.csv",
              "learning_curve": out_dir / "study/learning_curve.png", "convergence": out_dir / "study/convergence.png"}
-    atomic_write_bytes(paths["learning_curve"], _png(_figure_learning_curve(summary, grid.ci_level)))
-    atomic_write_bytes(paths["convergence"], _png(_figure_convergence(curves, grid.target_val_auc)))
+    atomic_write_bytes(paths["learning_curve"], png(_figure_learning_curve(summary, grid.ci_level), quantise=False))
+    atomic_write_bytes(paths["convergence"], png(_figure_convergence(curves, grid.target_val_auc), quantise=False))
     atomic_write_text(paths["table"], _csv(table))
     atomic_write_text(paths["summary"], _csv(summary))
     overrides = ", ".join(f"`{k}={v}`" for k, v in grid.overrides.items()) or "none"
     runs = "\n".join(
-        f"| `{r.experiment}` | {LABELS[r.strategy]} | {_pct(r.fraction)} | {r.seed} | {r.train_patients} / "
-        f"{r.train_images} | {_num(r.test_auc)} [{_num(r.test_auc_lo)}, {_num(r.test_auc_hi)}] | {r.best_epoch} | "
+        f"| `{r.experiment}` | {LABELS[r.strategy]} | {pct(r.fraction)} | {r.seed} | {r.train_patients} / "
+        f"{r.train_images} | {num(r.test_auc)} [{num(r.test_auc_lo)}, {num(r.test_auc_hi)}] | {r.best_epoch} | "
         f"{NOT_REACHED if math.isnan(r.epochs_to_target) else f'{r.epochs_to_target:g}'} | {r.train_time_s:.0f} s |"
         for r in table.itertuples(index=False))
     first, second = table["experiment"].iloc[0], table["experiment"].iloc[-1]

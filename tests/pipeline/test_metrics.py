@@ -31,8 +31,10 @@ from pipeline.metrics import (
     discrimination,
     evaluate_split,
     operating_point,
+    paired_auc_difference,
     patient_bootstrap,
     pr_points,
+    rank_auc,
     roc_points,
     subgroup_table,
 )
@@ -281,6 +283,59 @@ def test_bootstrap_ci_coverage_on_binormal():
         ci = patient_bootstrap(y, s, np.arange(100), auc_fast, n_boot=200, seed=r)["ci"]
         covered += ci[0] <= true_auc <= ci[1]
     assert 0.8 <= covered / replicates <= 1.0
+
+
+def test_rank_auc_equals_roc_auc_score_with_ties_and_is_nan_on_one_class():
+    y, s, _ = cohort(21)  # rounded scores: ties
+    assert rank_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert math.isnan(rank_auc(np.ones(5, dtype=int), np.linspace(0, 1, 5)))
+
+
+# --- paired AUC difference -----------------------------------------------------------------------
+
+
+def test_paired_auc_difference_estimate_is_the_difference_of_the_aucs_and_its_ci_contains_it():
+    y, s, patient = cohort(22, n_patients=80)
+    worse = np.clip(s + np.random.default_rng(0).normal(0, 0.3, len(s)), 0, 1)
+    result = paired_auc_difference(y, s, worse, patient, n_boot=200, seed=1)
+    assert result["estimate"] == rank_auc(y, s) - rank_auc(y, worse)
+    lo, hi = result["ci"]
+    assert lo < result["estimate"] < hi and 0 < result["estimate"]
+    assert result["n_boot"] + result["n_skipped"] == 200 and result["level"] == pytest.approx(0.95)
+    assert result == paired_auc_difference(y, s, worse, patient, n_boot=200, seed=1)
+    assert result["ci"] != paired_auc_difference(y, s, worse, patient, n_boot=200, seed=2)["ci"]
+    # a 1-D side is the same as one column
+    assert result == paired_auc_difference(y, s[:, None], worse[:, None], patient, n_boot=200, seed=1)
+    # swapping the sides negates everything: the same patients are drawn on every resample
+    swapped = paired_auc_difference(y, worse, s, patient, n_boot=200, seed=1)
+    assert swapped["estimate"] == -result["estimate"] and swapped["ci"] == pytest.approx([-hi, -lo])
+
+
+def test_paired_auc_difference_of_a_model_with_itself_is_exactly_zero():
+    y, s, patient = cohort(23)
+    result = paired_auc_difference(y, s, s ** 2, patient, n_boot=100)  # a monotone transform: same ranks
+    assert result["estimate"] == 0 and result["ci"] == [0.0, 0.0]
+
+
+def test_paired_auc_difference_averages_the_columns_of_each_side():
+    y, s, patient = cohort(24)
+    rng = np.random.default_rng(5)
+    a = np.column_stack([np.clip(s + rng.normal(0, 0.2, len(s)), 0, 1) for _ in range(3)])
+    b = np.column_stack([rng.random(len(s)) for _ in range(2)])
+    result = paired_auc_difference(y, a, b, patient, n_boot=50)
+    expected = np.mean([rank_auc(y, a[:, i]) for i in range(3)]) - np.mean([rank_auc(y, b[:, i]) for i in range(2)])
+    assert result["estimate"] == pytest.approx(expected, abs=1e-15)
+    # each resample uses the same rows for every column: the bootstrap of the averaged statistic
+    by_hand = patient_bootstrap(
+        y, np.column_stack([a, b]), patient,
+        lambda yb, sb: float(np.mean([rank_auc(yb, sb[:, i]) for i in range(3)])
+                             - np.mean([rank_auc(yb, sb[:, i]) for i in range(3, 5)])), n_boot=50)
+    assert result == by_hand
+
+
+def test_paired_auc_difference_on_one_class_is_nan():
+    result = paired_auc_difference(np.zeros(6, dtype=int), np.linspace(0, 1, 6), np.ones(6), np.arange(6), n_boot=20)
+    assert math.isnan(result["estimate"]) and all(math.isnan(v) for v in result["ci"]) and result["n_skipped"] == 20
 
 
 # --- subgroups and the per-split report -----------------------------------------------------------

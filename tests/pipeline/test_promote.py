@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline import evaluate, models, promote, train
+from pipeline import evaluate, metrics, models, promote, train
 from pipeline.promote import PromoteParams
 
 # ------------------------------------------------------------------ the rule, on constructed predictions
@@ -140,6 +140,17 @@ def test_paired_bootstrap_ci_is_seeded_brackets_the_difference_and_is_paired():
     # itself differs by exactly 0 on every resample (independent resamples would give a wide interval).
     same = promote.compare(challenger, champion.assign(score=challenger["score"] ** 2), PromoteParams(n_boot=100))
     assert same["auc_difference_ci"] == [0.0, 0.0]
+
+
+def test_the_difference_and_its_ci_are_metrics_paired_auc_difference_challenger_minus_champion():
+    challenger, champion = _frames(seed=5)
+    params = PromoteParams(n_boot=150, seed=2)
+    comparison = promote.compare(challenger, champion.iloc[::-1], params)  # the champion's row order is irrelevant
+    expected = metrics.paired_auc_difference(challenger["y_true"], challenger["score"], champion["score"],
+                                             challenger["patient_key"], n_boot=150, seed=2, alpha=1 - promote.CI_LEVEL)
+    assert comparison["auc_difference"] == expected["estimate"]
+    assert comparison["auc_difference_ci"] == expected["ci"] and comparison["n_boot"] == expected["n_boot"]
+    assert comparison["challenger_auc"] == metrics.rank_auc(challenger["y_true"].to_numpy(), challenger["score"].to_numpy())
 
 
 def test_predictions_of_different_images_or_labels_cannot_be_compared():

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import study, train
+from pipeline import metrics, strategies, study
+from pipeline.data import SplitData, load_splits, train_subset
 from tests.test_dvc_pipeline import _dvc, scratch_project
 
 CLASSES = ("normal", "lesion")
@@ -25,15 +26,15 @@ CLASSES = ("normal", "lesion")
 # ------------------------------------------------------------------------------- nested subsets
 
 
-def _train_patients(data: train.SplitData, index: pd.DataFrame) -> set[str]:
+def _train_patients(data: SplitData, index: pd.DataFrame) -> set[str]:
     return set(index.set_index("row").loc[data.rows["train"], "patient_key"])
 
 
 def test_training_subsets_are_nested_stratified_and_leave_val_and_test_alone(tiny_images):
     images, splits = tiny_images
     index = pd.read_parquet(images / "index.parquet")
-    full = train.load_splits(images, splits, CLASSES)
-    subsets = {f: train.load_splits(images, splits, CLASSES, fraction=f) for f in (0.1, 0.25, 0.5, 1.0)}
+    full = load_splits(images, splits, CLASSES)
+    subsets = {f: load_splits(images, splits, CLASSES, fraction=f) for f in (0.1, 0.25, 0.5, 1.0)}
     patients = {f: _train_patients(d, index) for f, d in subsets.items()}
     assert patients[0.1] <= patients[0.25] <= patients[0.5] <= patients[1.0] == _train_patients(full, index)
     assert patients[0.1] < patients[0.5] < patients[1.0], "smaller fractions keep fewer patients"
@@ -51,12 +52,12 @@ def test_training_subsets_are_nested_stratified_and_leave_val_and_test_alone(tin
 def test_another_fraction_seed_draws_other_nested_subsets():
     labels = pd.Series([1] * 30 + [0] * 70, index=[f"P-{i:03d}" for i in range(100)])
     for seed in (0, 1):
-        picked = [train.train_subset(labels, f, seed) for f in (0.05, 0.1, 0.25, 0.5, 0.9, 1.0)]
+        picked = [train_subset(labels, f, seed) for f in (0.05, 0.1, 0.25, 0.5, 0.9, 1.0)]
         assert all(a <= b for a, b in pairwise(picked))
         assert [len(p) for p in picked] == [2 + 4, 3 + 7, 8 + 18, 15 + 35, 27 + 63, 100]
-    assert train.train_subset(labels, 0.25, 0) != train.train_subset(labels, 0.25, 1)
+    assert train_subset(labels, 0.25, 0) != train_subset(labels, 0.25, 1)
     with pytest.raises(ValueError, match="train.fraction"):
-        train.train_subset(labels, 0.0)
+        train_subset(labels, 0.0)
 
 
 # ---------------------------------------------------------------------------------------- plan
@@ -95,7 +96,7 @@ def test_the_params_file_grids_are_valid():
     params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())["study"]
     selected = study.StudyParams(**params)
     cpu, gpu = selected.select("cpu"), selected.select("gpu")
-    assert set(gpu.strategies) == set(study.STRATEGIES)  # the real study compares every strategy
+    assert set(gpu.strategies) == set(strategies.STUDY_STRATEGIES)  # the real study compares every strategy
     assert {"scratch", "feature_extraction", "finetune"} <= set(cpu.strategies)  # pretraining vs none, both ways
     assert len(gpu.seeds) > 1 and gpu.epochs > cpu.epochs and 1.0 in cpu.fractions
     with pytest.raises(ValueError, match="no grid 'tpu'"):
@@ -123,6 +124,26 @@ def test_paired_difference_and_the_evaluation_set_check():
     moved = _predictions(noise["score"].to_numpy(), y, [f"other{i}" for i in range(60)])
     with pytest.raises(study.StudyError, match="test images of b differ from those of a"):
         study.check_same_evaluation_sets({"a": good, "b": moved})
+
+
+def test_paired_difference_is_the_metrics_paired_auc_difference_of_the_seeds_on_rows_in_image_order():
+    rng = np.random.default_rng(2)
+    y = np.repeat([0, 1], 25)
+    a = [_predictions(y * 0.5 + rng.uniform(0, 1, 50), y) for _ in range(2)]
+    b = [_predictions(rng.uniform(0, 1, 50), y) for _ in range(3)]
+    shuffled = [f.sample(frac=1, random_state=i) for i, f in enumerate(a)]  # the order rows come in is irrelevant
+    d, lo, hi = study.paired_difference(shuffled, b, n_boot=100, seed=4, ci_level=0.9)
+    expected = metrics.paired_auc_difference(y, np.column_stack([f["score"] for f in a]),
+                                             np.column_stack([f["score"] for f in b]), a[0]["patient_key"],
+                                             n_boot=100, seed=4, alpha=0.1)
+    assert (d, lo, hi) == (expected["estimate"], *expected["ci"])
+    assert d == pytest.approx(np.mean([metrics.rank_auc(y, f["score"].to_numpy()) for f in a])
+                              - np.mean([metrics.rank_auc(y, f["score"].to_numpy()) for f in b]))
+
+
+def test_the_default_grid_runs_every_study_strategy_and_each_has_a_label_and_a_colour():
+    assert study.StudyGrid().strategies == strategies.STUDY_STRATEGIES
+    assert set(strategies.LABELS) == set(study.COLOURS) == set(strategies.STUDY_STRATEGIES)
 
 
 def test_compare_averages_seeds_and_pairs_strategies_on_the_same_images():
