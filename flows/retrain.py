@@ -14,7 +14,7 @@ import os
 import re
 import time
 import zoneinfo
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,14 +112,11 @@ def run_stage(repo: Path, stage: str):
 
 @task(name="promote", task_run_name="promote")
 def promote_task(repo: Path, force: bool = False) -> dict:
-    from pipeline import evaluate, promote
-    from pipeline.params import load_section
+    from pipeline import promote
 
     project = Project(repo)
-    params = load_section(promote.PromoteParams, project.params, "promote")
-    return promote.run(replace(params, registry=str(project.registry(params.registry))), project.model,
-                       project.reports_dir, project.images_dir, project.splits_csv,
-                       evaluate_params=load_section(evaluate.EvaluateParams, project.params, "evaluate"), force=force)
+    return promote.run_with_params(project.params, project.model, project.reports_dir, project.images_dir,
+                                   project.splits_csv, root=project.root, force=force)
 
 
 @task(name="dvc push", task_run_name="dvc push", retries=2, retry_delay_seconds=10)

@@ -115,21 +115,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from pipeline import promote
 
-    from pipeline import evaluate, promote
-
-    params = load_section(promote.PromoteParams, args.params, "promote")
-    if args.registry:
-        params = replace(params, registry=args.registry)
     images, reports = Path(args.images), Path(args.reports)
     _inputs("train", Path(args.model))
     _inputs("evaluate", reports / paths.METRICS, reports / paths.PREDICTIONS)
     _inputs("preprocess", images / "index.parquet", images / "tensors.npy")
     _inputs("split", Path(args.splits))
-    result = promote.run(params, Path(args.model), reports, images, Path(args.splits),
-                         evaluate_params=load_section(evaluate.EvaluateParams, args.params, "evaluate"),
-                         force=args.force)
+    result = promote.run_with_params(args.params, Path(args.model), reports, images, Path(args.splits),
+                                     registry=args.registry, force=args.force)
     decision = result["decision"]
     print(("promote: promoted" if decision["promote"] else "promote: not promoted")
           + f" (champion before: {result.get('champion_before')}, after: {result.get('champion_after')}); "

@@ -192,6 +192,16 @@ def discrimination(y_true, score) -> dict:
     }
 
 
+def class_auc(y_true, probs) -> float:
+    """ROC-AUC of class probabilities (n, k): of the last class for two classes, else the macro
+    one-vs-rest mean of :func:`discrimination`; nan where undefined (one class present).
+
+    Model selection on the validation split uses it, so training selects on the AUC evaluate reports.
+    """
+    probs = np.asarray(probs, dtype=float)
+    return discrimination(y_true, probs[:, 1] if probs.shape[1] == 2 else probs)["auc"]
+
+
 def calibration(y_true, score, n_bins: int = 10) -> dict:
     """Brier score, expected calibration error and the reliability curve.
 

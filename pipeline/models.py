@@ -13,7 +13,6 @@ stage's windowed tensors); outputs are ``(N, num_classes)`` logits.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import re

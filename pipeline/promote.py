@@ -40,17 +40,18 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline import evaluate, metrics, models
+from pipeline import evaluate, metrics
 from pipeline.evaluate import EvaluateParams
-from pipeline.io_utils import atomic_write_text
-from pipeline.params import ParamsError, check, param
+from pipeline.io_utils import atomic_write_text, sha256_file
+from pipeline.params import ParamsError, check, load_section, param
+from pipeline.paths import Project
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ def read_champion(registry: Path) -> dict | None:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{pointer}: not a champion record ({type(exc).__name__}: {exc}); "
                          "repair or remove it before promoting") from exc
-    if not model.is_file() or models.sha256_file(model) != record["model_sha256"]:
+    if not model.is_file() or sha256_file(model) != record["model_sha256"]:
         raise ValueError(f"{pointer}: the champion model {model} is missing or does not match its recorded "
                          "SHA-256; restore the registry before promoting")
     return record
@@ -293,7 +294,7 @@ def _store_version(registry: Path, sources: dict[str, Path], expected_sha256: st
             shutil.copyfile(source, staging / name)
             with open(staging / name, "rb") as fh:
                 os.fsync(fh.fileno())
-        if models.sha256_file(staging / "model.pt") != expected_sha256:
+        if sha256_file(staging / "model.pt") != expected_sha256:
             raise RuntimeError(f"{sources['model.pt']} changed while it was being promoted; run the promotion again")
         _fsync_dir(staging)
         version = _next_version(versions)
@@ -329,6 +330,20 @@ def _score_champion(record: dict, registry: Path, images_dir: Path, splits_csv: 
         return _test_rows(Path(tmp) / "predictions.csv")
 
 
+def run_with_params(params_file: Path, model_path: Path, reports_dir: Path, images_dir: Path, splits_csv: Path, *,
+                    registry: str | Path | None = None, root: Path | None = None, force: bool = False) -> dict:
+    """:func:`run` with the ``promote`` and ``evaluate`` sections of ``params_file``.
+
+    What ``medtl promote`` and the retrain flow's promote step both do. ``registry`` overrides
+    ``promote.registry``; a relative registry lies under ``root`` (the project; default: the current
+    directory).
+    """
+    params = load_section(PromoteParams, params_file, "promote")
+    registry_dir = Project(Path(root) if root is not None else Path()).registry(str(registry or params.registry))
+    return run(replace(params, registry=str(registry_dir)), model_path, reports_dir, images_dir, splits_csv,
+               evaluate_params=load_section(EvaluateParams, params_file, "evaluate"), force=force)
+
+
 def run(params: PromoteParams, model_path: Path, reports_dir: Path, images_dir: Path, splits_csv: Path,
         evaluate_params: EvaluateParams | None = None, force: bool = False) -> dict:
     """Compare the challenger with the champion, promote it if it is better, and record the decision.
@@ -362,7 +377,7 @@ def run(params: PromoteParams, model_path: Path, reports_dir: Path, images_dir: 
     if len(test_metrics["classes"]) != 2:
         raise ValueError(f"{reports_dir / 'metrics.json'}: {len(test_metrics['classes'])} classes; promotion "
                          "compares binary classifiers only")
-    challenger_sha = models.sha256_file(model_path)
+    challenger_sha = sha256_file(model_path)
     if card.get("model_file", {}).get("sha256", challenger_sha) != challenger_sha:
         raise ValueError(f"{card_path} describes another model than {model_path} (SHA-256 differs); "
                          "rerun the train stage")

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import models
+from pipeline import metrics, models
 from pipeline.data import AUTO_CLASSES, AugmentParams, SplitData, data_version, derived_seed, load_splits, make_dataset
 from pipeline.device import AMP_MODES, DEVICES, Dist, amp_dtype, autocast, device_name, init_distributed, loader_workers
 from pipeline.inference import predict
@@ -265,18 +265,6 @@ def train_step(net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimi
     scaler.step(optimizer)
     scaler.update()
     return loss.item()
-
-
-def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(labels, probs[:, 1]))
-    present = np.unique(labels)
-    return float(roc_auc_score(labels, probs[:, present] / probs[:, present].sum(1, keepdims=True),
-                               multi_class="ovr", labels=present))
 
 
 @torch.no_grad()
@@ -550,7 +538,7 @@ class Trainer:
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-7)),
                                                 torch.from_numpy(labels)))
         record = {"epoch": self.epoch + 1, "train_loss": trained["loss_sum"] / max(trained["seen"], 1),
-                  "val_loss": val_loss, "val_auc": _auc(labels, probs),
+                  "val_loss": val_loss, "val_auc": metrics.class_auc(labels, probs),
                   "val_accuracy": float((probs.argmax(1) == labels).mean()),
                   "lr_head": self.base_lrs[-1] * trained["lr_factor"], "trainable_stages": trained["trainable_stages"],
                   "train_images_per_s": trained["seen"] * self.dist.world_size / trained["train_s"],

@@ -24,6 +24,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pipeline import metrics
 from pipeline.metrics import (
     MAX_CURVE_POINTS,
     calibration,
@@ -399,3 +400,16 @@ def test_a_one_patient_subgroup_has_an_auc_but_no_patient_interval():
     rows = {r["value"]: r for r in subgroup_table(frame, ["site"], threshold=0.5, n_boot=50)}
     assert rows["A"]["n_patients"] == 1 and rows["A"]["auc"] == 1.0 and rows["A"]["auc_ci"] is None
     assert rows["B"]["auc_ci"] is not None
+
+
+def test_class_auc_is_the_positive_class_auc_for_two_classes_and_the_reported_macro_auc_beyond():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    probs = rng.dirichlet([1, 1], 60)
+    assert metrics.class_auc(y, probs) == roc_auc_score(y, probs[:, 1])
+    y3 = rng.integers(0, 3, 90)
+    probs3 = rng.dirichlet([1, 1, 1], 90)
+    assert metrics.class_auc(y3, probs3) == metrics.discrimination(y3, probs3)["auc"]
+    assert np.isnan(metrics.class_auc(np.zeros(5, int), rng.dirichlet([1, 1], 5)))
