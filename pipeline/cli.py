@@ -131,6 +131,27 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline import ingest, predict, promote
+    from pipeline.fanout import FanoutParams
+
+    params = load_section(predict.PredictParams, args.params, "predict", device=args.device)
+    root = Path(args.predict_dir)
+    summary = predict.run(
+        params, Path(args.input), root / "results", model_path=Path(args.model) if args.model else None,
+        registry=Path(args.registry or load_section(promote.PromoteParams, args.params, "promote").registry),
+        work_dir=root / "work", local_dir=Path(args.local) / "predict",
+        ingest_params=load_section(ingest.IngestParams, args.params, "ingest"),
+        fanout=load_section(FanoutParams, args.params, "fanout"), threshold=args.threshold)
+    counts, model = summary["counts"], summary["model"]
+    print(f"predict: {counts['images']} images of {counts['studies']} studies scored with "
+          f"{'champion v' + str(model['version']) if model['version'] else model['path']} at threshold "
+          f"{summary['threshold']['value']:.3f} ({summary['threshold']['from']}); {counts['positive_studies']} "
+          f"studies positive; {sum(counts['rejected_files'].values())} files rejected {counts['rejected_files']}; "
+          f"results in {root / 'results'}")
+    return 0
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from pipeline import evaluate
 
@@ -354,6 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="champion registry (params promote.registry)")
     p.add_argument("--force", action="store_true", help="promote whatever the comparison says (recorded as forced)")
     p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("predict", help="apply the champion (or --model) to new, unlabelled studies: per-image "
+                                       "and per-study scores and decisions at its frozen threshold")
+    p.add_argument("--input", required=True, help="folder of new DICOM studies (no labels needed)")
+    p.add_argument("--model", help="a model.pt (its model_card.json and metrics.json beside it); default: the champion")
+    p.add_argument("--registry", help="champion registry (params promote.registry)")
+    p.add_argument("--threshold", type=float, help="override the frozen operating threshold (recorded as given)")
+    p.add_argument("--predict-dir", default=paths.PREDICT_DIR,
+                   help="results/ and work/ go here (default: %(default)s)")
+    p.add_argument("--local", default=paths.LOCAL_DIR,
+                   help="on-site PHI: predict/uids.csv maps pseudonymised UIDs back (default: %(default)s)")
+    p.add_argument("--device", help="params predict.device: auto, cpu, cuda")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("summary", help="print the trained model and its test metrics with CIs")
     p.add_argument("--reports", default=paths.REPORTS_DIR, help="evaluate output (default: %(default)s)")

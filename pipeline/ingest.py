@@ -92,6 +92,8 @@ BURNED_IN = "burned_in_annotation"
 NO_DECODER = "no_decoder"
 NO_PATIENT_ID = "missing_patient_id"
 UNLABELLED = "unlabelled"
+#: the label of every image when ingest runs without a labels file (``medtl predict``: new studies)
+NO_LABEL = ""
 DUPLICATE = "duplicate"
 INCONSISTENT_SERIES = "inconsistent_series"
 CONFLICTING_LABEL = "conflicting_label"
@@ -187,7 +189,7 @@ class IngestSummary:
     by_site: dict[str, int]
     by_label: dict[str, int]
     by_transfer_syntax: dict[str, int]
-    label_key: str
+    label_key: str | None
     run: dict[str, Any]
     lesions: dict[str, int] = field(default_factory=dict)  # sidecar rows: {"rows", "kept", "dropped"}
 
@@ -584,10 +586,12 @@ class LabelsError(MedtlError, ValueError):
 
 @dataclass(frozen=True)
 class Labels:
-    key: str  # one of LABEL_KEYS
+    key: str | None  # one of LABEL_KEYS; None: no labels file (every image gets NO_LABEL)
     by_value: dict[str, str]  # key value (relpath for "file", else keyed hash) -> label
 
     def lookup(self, relpath: str, record: FileRecord) -> str | None:
+        if self.key is None:
+            return NO_LABEL
         value = {
             "file": relpath,
             "sop_instance_uid": record.k_sop,
@@ -897,13 +901,14 @@ def _refuse_inside(source: Source, input_name: str, **outputs: Path | None) -> N
 def run(
     params: IngestParams,
     input_dir: Path | Source,
-    labels_csv: Path,
+    labels_csv: Path | None,
     out_dir: Path,
     quarantine_dir: Path | None = None,
     key: bytes | keys.SiteKey | None = None,
     fanout: FanoutParams | None = None,
     lesions_csv: Path | None = None,
     classes: tuple[str, ...] | None = None,
+    inputs_csv: Path | None = None,
 ) -> IngestSummary:
     """Ingest a DICOM tree: de-identify, account for every file, write manifest/rejected/summary.
 
@@ -911,7 +916,8 @@ def run(
         params: the ``ingest`` params.
         input_dir: the raw export (PHI inside; never pushed): a folder, or any
             :class:`~pipeline.sources.Source`.
-        labels_csv: labels by one key column (see :func:`read_labels`).
+        labels_csv: labels by one key column (see :func:`read_labels`); None: unlabelled new studies
+            (``medtl predict``), every image's label is :data:`NO_LABEL`.
         out_dir: stage output (a DVC ``persist`` output: it holds the cache that makes reruns incremental).
         quarantine_dir: where rejected files are linked with their reasons (None: not done). Keep it out
             of DVC outputs: it holds raw files with PHI.
@@ -923,6 +929,9 @@ def run(
             ``out_dir/lesions.parquet`` is written either way (empty without a sidecar).
         classes: the class names training expects (``train.classes``); label values outside them stop
             the run here, before any work. None (``train.classes: auto``): any values.
+        inputs_csv: where to write, locally, which input files each image came from (``image_id``,
+            ``input``: the source's ids, ``|``-joined in unit order). It names input paths (PHI):
+            keep it out of DVC outputs, like the quarantine. None: not written.
 
     Returns:
         The summary also written to ``out_dir/summary.json``.
@@ -944,8 +953,11 @@ def run(
         secret = key.secret
     demo = secret == keys.DEMO_KEY
     pseudo = deid.Pseudonymizer(secret)
-    labels = read_labels(labels_csv, pseudo)
-    check_classes(labels, classes, Path(labels_csv))
+    if labels_csv is None:
+        labels = Labels(key=None, by_value={})
+    else:
+        labels = read_labels(labels_csv, pseudo)
+        check_classes(labels, classes, Path(labels_csv))
     lesions = read_lesions(lesions_csv, pseudo) if lesions_csv is not None else []
     fanout = fanout or FanoutParams()
     workers = params.workers or os.cpu_count() or 1
@@ -957,7 +969,7 @@ def run(
     # the cache's key check is a slow KDF (scrypt releases the GIL): load it while the input is walked
     with ThreadPoolExecutor(1) as pool:
         loading = pool.submit(RecordCache, out_dir / "cache" / "records.jsonl", secret)
-        entries = source.entries(skip=(Path(labels_csv), *((Path(lesions_csv),) if lesions_csv is not None else ())))
+        entries = source.entries(skip=tuple(Path(p) for p in (labels_csv, lesions_csv) if p is not None))
         file_ids = {e.id: pseudo.file_id(source.display(e.id)) for e in entries}
         existing, stale = _existing_outputs(out_dir)  # one walk of the output: its files, and removed temps
         cache = loading.result()
@@ -1028,6 +1040,9 @@ def run(
         ["file_id", "reason"], sorted((file_ids[rel], reason) for rel, reason in rejected_rows)))
     if quarantine_dir is not None:
         _quarantine(source, Path(quarantine_dir), rejected_rows, file_ids, params)
+    if inputs_csv is not None:
+        atomic_write_text(Path(inputs_csv), csv_text(
+            ["image_id", "input"], sorted((_image_id(u), "|".join(p for p, _ in u.files)) for u in units)))
 
     ingested_files = sum(len(u.files) for u in units)
     summary = IngestSummary(

@@ -58,6 +58,7 @@ SECTIONS: dict[str, str] = {
     "train": "pipeline.train:TrainParams",
     "evaluate": "pipeline.evaluate:EvaluateParams",
     "promote": "pipeline.promote:PromoteParams",
+    "predict": "pipeline.predict:PredictParams",
     "retrain": "flows.retrain:RetrainParams",
     "study": "pipeline.study:StudyParams",
 }

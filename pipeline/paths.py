@@ -18,6 +18,8 @@ SPLITS_DIR = "data/processed"
 MODELS_DIR = "models"
 REPORTS_DIR = "reports"
 REGISTRY_DIR = "registry"  # promote's default (params promote.registry); outside DVC, like the quarantine
+PREDICT_DIR = "data/predict"  # medtl predict: results/ (pseudonymised) and work/ (de-identified copies, tensors)
+LOCAL_DIR = "data/local"      # PHI that must stay on site (predict's UID map back to the records): never pushed
 
 # files inside the stage directories (the stages write these names)
 INGEST_SUMMARY = "summary.json"

@@ -1,0 +1,301 @@
+"""``medtl predict``: apply a trained model (the champion by default) to new, unlabelled studies.
+
+New studies go through the very functions training data went through — :func:`pipeline.ingest.run`
+(accounting, quarantine, allow-list de-identification, the same pseudonyms for the same key) and
+:func:`pipeline.preprocess.run` with the preprocess params the model was trained with (its card's
+``input_spec.preprocess``) — so train/serve skew cannot come from a second copy of that code. Then
+the model scores every image and decides at its frozen operating threshold: the one evaluate chose
+on the validation split (``metrics.json`` beside the model, as the registry keeps it); nothing is
+refitted on the new data.
+
+Outputs (``out_dir``; pseudonymised, no PHI):
+
+- ``predictions.csv``: one row per image (``image_id, patient_key, study_uid, series_uid, modality,
+  site, score, decision``); ``score`` is the positive-class probability;
+- ``studies.csv``: one row per study, its score aggregated over its images (``predict.aggregation``:
+  ``max`` by default, since one image showing the finding makes the study positive), and the
+  decision at the same threshold;
+- ``predict.json``: the model (version, SHA-256 of ``model.pt`` and of its card), the threshold and
+  where it came from, the aggregation, and the counts (files seen, rejected by reason, images,
+  studies, positive studies).
+
+``local_dir`` (PHI: keep it out of DVC outputs and off shared storage, like the quarantine) receives
+``inputs.csv`` (which input files each image came from) and ``uids.csv``: each pseudonymised study,
+series and instance UID with the original one it stands for, checked by recomputing the pseudonym.
+That map is what sends results back to the patient's record; nothing else can reverse the pseudonyms.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import deid, ingest, keys, models, paths, preprocess, promote
+from pipeline.data import SplitData
+from pipeline.device import DEVICES, init_distributed
+from pipeline.errors import MedtlError
+from pipeline.fanout import FanoutParams
+from pipeline.inference import score_split
+from pipeline.io_utils import atomic_write_text, csv_text, sha256_file
+from pipeline.params import check, param, section
+from pipeline.sources import MB, Source
+from pipeline.sources.folder import FolderSource
+
+log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("max", "mean")
+SPLIT = "predict"
+POSITIVE, NEGATIVE = "positive", "negative"
+
+
+class PredictError(MedtlError, ValueError):
+    """The model or the new studies cannot be used for prediction; the message says why."""
+
+
+@dataclass(frozen=True)
+class PredictParams:
+    """``predict`` section of params.yaml.
+
+    Attributes:
+        aggregation: how a study's score comes from its images' scores: ``max`` (a finding on any
+            image makes the study positive) or ``mean``.
+        batch_size: images per forward pass.
+        device: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda``.
+    """
+
+    aggregation: str = param("max", choices=AGGREGATIONS)
+    batch_size: int = param(32, min=1)
+    device: str = param("auto", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        check(self, "predict")
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model ready to score: its file, card, frozen threshold and registry version (None: not registered)."""
+
+    path: Path
+    card: dict
+    card_sha256: str
+    model_sha256: str
+    threshold: float
+    threshold_from: str
+    version: int | None
+    classes: list[str]
+    input_spec: dict
+
+
+def resolve_model(model_path: Path | None, registry: Path, threshold: float | None = None) -> Model:
+    """The model to apply: ``model_path``, or the champion of ``registry``; with its frozen threshold.
+
+    The threshold is the one evaluate chose on validation, read from ``metrics.json`` beside the model
+    (the registry keeps it with every version), unless ``threshold`` is given.
+
+    Raises:
+        PredictError: no champion, no model file, a non-binary model, or no threshold anywhere.
+    """
+    version = None
+    if model_path is None:
+        record = promote.read_champion(Path(registry))
+        if record is None:
+            raise PredictError(f"{registry}: no champion yet; run `medtl retrain` (or `medtl promote`) first, "
+                               "or give --model")
+        model_path, version = Path(registry) / record["path"] / paths.MODEL, int(record["version"])
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise PredictError(f"{model_path}: no such model file")
+    card_path = model_path.parent / paths.MODEL_CARD
+    if not card_path.is_file():
+        raise PredictError(f"{card_path}: the model's card is missing (it travels beside model.pt)")
+    card = json.loads(card_path.read_text())
+    model_sha = sha256_file(model_path)
+    if card.get("model_file", {}).get("sha256", model_sha) != model_sha:
+        raise PredictError(f"{card_path} describes another model than {model_path} (SHA-256 differs)")
+    classes = list(card["input_spec"]["classes"])
+    if len(classes) != 2:
+        raise PredictError(f"{model_path}: {len(classes)} classes; predict decides for binary models only")
+    source = "given"
+    if threshold is None:
+        metrics_path = model_path.parent / paths.METRICS
+        try:
+            chosen = json.loads(metrics_path.read_text())["threshold"]
+            threshold, source = float(chosen["value"]), f"{chosen['method']} on {chosen['chosen_on']} (metrics.json)"
+        except (OSError, ValueError, KeyError, TypeError):
+            raise PredictError(f"{metrics_path}: no operating threshold beside the model (evaluate writes it; the "
+                               "registry keeps it with each version); give --threshold") from None
+    if not 0 <= threshold <= 1 or math.isnan(threshold):
+        raise PredictError(f"threshold {threshold} is not a probability in [0, 1]")
+    return Model(model_path, card, hashlib.sha256(card_path.read_bytes()).hexdigest(), model_sha, threshold, source,
+                 version, classes, card["input_spec"])
+
+
+def preprocess_params(input_spec: dict) -> preprocess.PreprocessParams:
+    """The preprocess params the model was trained with (its card's ``input_spec.preprocess``).
+
+    Raises:
+        PredictError: the model windows with statistics of its training set (``dataset_percentile``),
+            which its card does not carry.
+    """
+    params = section(preprocess.PreprocessParams, input_spec.get("preprocess") or {},
+                     where="model card input_spec.preprocess")
+    if "dataset_percentile" in params.window.values():
+        raise PredictError("the model was trained with preprocess.window dataset_percentile, whose training-set "
+                           "windows its card does not record; predict cannot reproduce its inputs")
+    return params
+
+
+def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model_path: Path | None = None,
+        registry: Path = Path(paths.REGISTRY_DIR), work_dir: Path | None = None, local_dir: Path | None = None,
+        key: bytes | keys.SiteKey | None = None, ingest_params: ingest.IngestParams | None = None,
+        fanout: FanoutParams | None = None, threshold: float | None = None) -> dict:
+    """Ingest, preprocess and score new studies with a frozen model; write per-image and per-study results.
+
+    Args:
+        params: the ``predict`` section.
+        input_dir: the new studies (a folder or any :class:`~pipeline.sources.Source`); no labels.
+        out_dir: receives ``predictions.csv``, ``studies.csv``, ``predict.json`` (no PHI).
+        model_path: the model; None: the champion of ``registry``.
+        work_dir: the de-identified copies and tensors (default ``out_dir/work``); kept, so a rerun on
+            a grown input only reads the new files (ingest's cache).
+        local_dir: the PHI-bearing maps ``inputs.csv`` and ``uids.csv`` (default ``out_dir/../local``).
+        key: the site's pseudonymisation key (None: resolved as ingest does); the same key as training
+            gives the same patient keys.
+        ingest_params: the ``ingest`` section (size caps, pixel checks, workers).
+        threshold: overrides the frozen threshold (recorded as ``given``).
+
+    Returns:
+        The content of ``predict.json``.
+    """
+    out_dir = Path(out_dir)
+    work_dir = Path(work_dir) if work_dir is not None else out_dir / "work"
+    local_dir = Path(local_dir) if local_dir is not None else out_dir.parent / "local"
+    model = resolve_model(model_path, registry, threshold)
+    pre_params = preprocess_params(model.input_spec)
+    ingest_params = ingest_params or ingest.IngestParams()
+    source = FolderSource(Path(input_dir)) if isinstance(input_dir, (str, Path)) else input_dir
+    site_key = key if key is not None else keys.resolve_key(demo_allowed=bool(source.synthetic_files()))
+    secret = site_key.secret if isinstance(site_key, keys.SiteKey) else bytes(site_key)
+    ingested = ingest.run(ingest_params, source, None, work_dir / "ingest", quarantine_dir=local_dir / "quarantine",
+                          key=secret, fanout=fanout, inputs_csv=local_dir / "inputs.csv")
+    if ingested.images == 0:
+        raise PredictError(f"{input_dir}: none of the {ingested.files_seen} files holds a usable image "
+                           f"(rejected: {ingested.rejected}); see {local_dir / 'quarantine'}")
+    prepared = preprocess.run(pre_params, work_dir / "ingest", work_dir / "images", fanout=fanout)
+    scores = _score(model, params, work_dir / "images")
+    images = _image_rows(scores, model)
+    studies = _study_rows(images, params.aggregation, model.threshold)
+    uid_rows = _original_uids(source, local_dir / "inputs.csv", work_dir / "ingest" / "manifest.parquet",
+                              deid.Pseudonymizer(secret), ingest_params)
+    atomic_write_text(local_dir / "uids.csv", csv_text(["level", "pseudonymised_uid", "original_uid"], uid_rows))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "predictions.csv", _csv(images))
+    atomic_write_text(out_dir / "studies.csv", _csv(studies))
+    summary = {
+        "model": {"path": model.path.name, "version": model.version, "model_sha256": model.model_sha256,
+                  "card_sha256": model.card_sha256, "name": model.card.get("name"), "classes": model.classes},
+        "threshold": {"value": model.threshold, "from": model.threshold_from},
+        "aggregation": params.aggregation,
+        "positive_class": model.classes[-1],
+        "counts": {"files_seen": ingested.files_seen, "ingested_files": ingested.ingested,
+                   "rejected_files": ingested.rejected, "preprocess_rejected": prepared.rejected,
+                   "images": len(images), "studies": len(studies),
+                   "positive_studies": int((studies["decision"] == POSITIVE).sum())},
+        "params": asdict(params),
+    }
+    atomic_write_text(out_dir / "predict.json", json.dumps(summary, indent=2) + "\n")
+    log.info("predict: %d images of %d studies scored with %s (threshold %.3f, %s); %d studies positive",
+             len(images), len(studies), f"champion v{model.version}" if model.version else model.path.name,
+             model.threshold, model.threshold_from, summary["counts"]["positive_studies"])
+    return summary
+
+
+def _score(model: Model, params: PredictParams, images_dir: Path) -> pd.DataFrame:
+    """The preprocess index of the new images with the positive-class probability of each."""
+    index = pd.read_parquet(images_dir / "index.parquet").sort_values("row").reset_index(drop=True)
+    tensors = images_dir / "tensors.npy"
+    shape = tuple(np.load(tensors, mmap_mode="r").shape[1:])
+    if list(shape) != list(model.input_spec["shape"]):
+        raise PredictError(f"{tensors}: images are {list(shape)} but the model takes {model.input_spec['shape']}")
+    rows = index["row"].to_numpy(np.int64)
+    data = SplitData(tensors, {SPLIT: rows}, {SPLIT: np.zeros(len(rows), np.int64)},
+                     {SPLIT: index["modality"].astype(str).to_numpy()}, {SPLIT: int(index["patient_key"].nunique())},
+                     shape)
+    _, device = init_distributed(params.device)
+    net, _ = models.load_model(model.path, map_location=device)
+    probs = score_split(net.to(device), data, SPLIT, device, params.batch_size)
+    return index.assign(score=probs[:, -1].astype(float))
+
+
+def _decision(score: pd.Series, threshold: float) -> pd.Series:
+    # at or above the threshold is positive, as evaluate's operating point counts it
+    return np.where(score >= threshold, POSITIVE, NEGATIVE)
+
+
+def _image_rows(scored: pd.DataFrame, model: Model) -> pd.DataFrame:
+    columns = ["image_id", "patient_key", "study_uid", "series_uid", "modality", "site", "score"]
+    frame = scored[[c for c in columns if c in scored.columns]].copy()
+    frame["decision"] = _decision(frame["score"], model.threshold)
+    return frame.sort_values(["study_uid", "image_id"], ignore_index=True)
+
+
+def _study_rows(images: pd.DataFrame, aggregation: str, threshold: float) -> pd.DataFrame:
+    grouped = images.groupby("study_uid", sort=True)
+    studies = grouped.agg(patient_key=("patient_key", "first"), n_images=("image_id", "size"),
+                          modalities=("modality", lambda m: "|".join(sorted(set(m)))),
+                          score=("score", aggregation)).reset_index()
+    studies["decision"] = _decision(studies["score"], threshold)
+    return studies
+
+
+def _csv(frame: pd.DataFrame) -> str:
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, float_format="%.6f", lineterminator="\n")
+    return buffer.getvalue()
+
+
+def _original_uids(source: Source, inputs_csv: Path, manifest_path: Path, pseudo: deid.Pseudonymizer,
+                   ingest_params: ingest.IngestParams) -> list[tuple[str, str, str]]:
+    """(level, pseudonymised UID, original UID) of every study, series and instance that was scored.
+
+    Each input file of an ingested image is read again (header only) and its original UIDs kept where
+    their pseudonym is the one the manifest holds: the map cannot attach a result to the wrong study.
+    """
+    import pydicom
+
+    wanted = {}
+    manifest = pd.read_parquet(manifest_path, columns=["image_id", "study_uid", "series_uid", "sop_instance_uids"])
+    for row in manifest.itertuples(index=False):
+        wanted[row.image_id] = {"study": {row.study_uid}, "series": {row.series_uid},
+                                "instance": set(row.sop_instance_uids)}
+    found: set[tuple[str, str, str]] = set()
+    with open(inputs_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            expected = wanted.get(row["image_id"])
+            if expected is None:
+                continue
+            for item in row["input"].split("|"):
+                data, _ = source.read(item, int(ingest_params.max_file_mb * MB))
+                if data is None:
+                    continue
+                try:
+                    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
+                                         specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+                except Exception:  # noqa: BLE001 - changed since ingest: its results cannot be mapped back
+                    continue
+                for level, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
+                                       ("instance", "SOPInstanceUID")):
+                    original = str(ds.get(keyword, "") or "")
+                    if original and pseudo.uid(original) in expected[level]:
+                        found.add((level, pseudo.uid(original), original))
+    order = {"study": 0, "series": 1, "instance": 2}
+    return sorted(found, key=lambda r: (order[r[0]], r[1]))

@@ -1,0 +1,140 @@
+"""medtl predict: new, unlabelled studies through the training code paths, scored by a frozen model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import torch
+
+from pipeline import ingest, models, predict, preprocess
+from pipeline.errors import MedtlError
+from tests.conftest import TEST_KEY
+
+SIZE = 32
+PREPROCESS = {"size": SIZE, "channels": 3, "window": {"CT": "lung", "default": "percentile"}, "workers": 1}
+THRESHOLD = 0.5
+
+
+def _model_dir(root: Path, threshold: float | None = THRESHOLD) -> Path:
+    """A model as the registry keeps one: model.pt, its card, and metrics.json with the frozen threshold."""
+    out = root / "version"
+    out.mkdir(parents=True)
+    torch.manual_seed(0)
+    model, _ = models.build_model(models.ModelParams(pretrained="none"), num_classes=2)
+    spec = {"shape": [3, SIZE, SIZE], "preprocess": PREPROCESS, "classes": ["normal", "lesion"]}
+    buffer = io.BytesIO()
+    torch.save(models.save_model(model, "efficientnet-lite0", ["normal", "lesion"], spec), buffer)
+    (out / "model.pt").write_bytes(buffer.getvalue())
+    card = {"name": "medtl-test", "model_file": {"path": "model.pt", "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()},
+            "input_spec": spec}
+    (out / "model_card.json").write_text(json.dumps(card))
+    if threshold is not None:
+        (out / "metrics.json").write_text(json.dumps({"threshold": {"method": "youden", "value": threshold,
+                                                                    "chosen_on": "val"}}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def new_studies(cohort, tmp_path_factory) -> Path:
+    """Six patients' folders of the cohort, no labels file, plus one corrupt file."""
+    out = tmp_path_factory.mktemp("new") / "studies"
+    patients = sorted(p for p in (cohort / "DICOM").glob("*/*") if p.is_dir())[:6]
+    for patient in patients:
+        shutil.copytree(patient, out / patient.relative_to(cohort / "DICOM"))
+    (out / "broken.dcm").write_bytes(b"DICM" + b"\x00" * 300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def predicted(new_studies, tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    model_dir = _model_dir(root)
+    summary = predict.run(predict.PredictParams(batch_size=8, device="cpu"), new_studies, root / "results",
+                          model_path=model_dir / "model.pt", work_dir=root / "work", local_dir=root / "local",
+                          key=TEST_KEY, ingest_params=ingest.IngestParams(workers=1))
+    return root, model_dir, summary
+
+
+def test_every_new_image_is_scored_and_every_study_decided_at_the_frozen_threshold(predicted):
+    root, _, summary = predicted
+    images = pd.read_csv(root / "results/predictions.csv")
+    studies = pd.read_csv(root / "results/studies.csv")
+    manifest = pd.read_parquet(root / "work/ingest/manifest.parquet")
+    assert len(images) == summary["counts"]["images"] > 0 and set(images["image_id"]) <= set(manifest["image_id"])
+    counts = summary["counts"]
+    assert sum(counts["rejected_files"].values()) >= 1, "the broken file is reported, not fatal"
+    assert counts["files_seen"] == counts["ingested_files"] + sum(counts["rejected_files"].values())
+    assert summary["threshold"] == {"value": THRESHOLD, "from": "youden on val (metrics.json)"}
+    assert ((images["score"] >= THRESHOLD) == (images["decision"] == "positive")).all()
+    # a study is as positive as its most positive image (aggregation max)
+    expected = images.groupby("study_uid")["score"].max()
+    assert np.allclose(studies.set_index("study_uid")["score"].loc[expected.index], expected, atol=1e-6)
+    assert ((studies["score"] >= THRESHOLD) == (studies["decision"] == "positive")).all()
+    assert summary["counts"]["studies"] == len(studies) == images["study_uid"].nunique()
+
+
+def test_scores_are_the_models_probabilities_of_the_prepared_tensors(predicted):
+    root, model_dir, _ = predicted
+    images = pd.read_csv(root / "results/predictions.csv", dtype={"image_id": str})
+    index = pd.read_parquet(root / "work/images/index.parquet").set_index("image_id")
+    tensors = np.load(root / "work/images/tensors.npy")
+    model, _ = models.load_model(model_dir / "model.pt")
+    rows = index.loc[images["image_id"], "row"].to_numpy()
+    with torch.no_grad():
+        probs = model.eval()(torch.from_numpy(tensors[rows].astype(np.float32))).softmax(1)[:, 1].numpy()
+    assert np.allclose(images["score"], probs, atol=1e-6)
+
+
+def test_an_image_gets_bit_identical_tensors_through_the_training_and_the_predict_paths(predicted, new_studies, tmp_path):
+    root, _, _ = predicted
+    labels = tmp_path / "labels.csv"
+    # the training path needs labels: label every image of the new studies by its file, any value
+    inputs = pd.read_csv(root / "local/inputs.csv")
+    rows = [(p, "normal") for joined in inputs["input"] for p in joined.split("|")]
+    pd.DataFrame(rows, columns=["file", "label"]).to_csv(labels, index=False)
+    ingest.run(ingest.IngestParams(workers=1), new_studies, labels, tmp_path / "ingest", key=TEST_KEY)
+    preprocess.run(preprocess.PreprocessParams(**{**PREPROCESS, "window": dict(PREPROCESS["window"])}),
+                   tmp_path / "ingest", tmp_path / "images")
+    train_index = pd.read_parquet(tmp_path / "images/index.parquet").set_index("image_id")
+    serve_index = pd.read_parquet(root / "work/images/index.parquet").set_index("image_id")
+    shared = sorted(set(train_index.index) & set(serve_index.index))
+    assert shared and set(serve_index.index) <= set(train_index.index)
+    train_t, serve_t = np.load(tmp_path / "images/tensors.npy"), np.load(root / "work/images/tensors.npy")
+    for image_id in shared:
+        assert np.array_equal(train_t[train_index.loc[image_id, "row"]], serve_t[serve_index.loc[image_id, "row"]])
+
+
+def test_the_local_map_sends_each_result_back_to_its_original_study_and_no_result_file_holds_phi(predicted, new_studies):
+    root, _, _ = predicted
+    studies = pd.read_csv(root / "results/studies.csv")
+    uids = pd.read_csv(root / "local/uids.csv")
+    back = uids[uids["level"] == "study"].set_index("pseudonymised_uid")["original_uid"]
+    assert set(studies["study_uid"]) <= set(back.index)
+    originals, names = set(), set()
+    for path in new_studies.rglob("*"):
+        if path.is_file() and path.name != "broken.dcm":
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            originals.add(str(ds.StudyInstanceUID))
+            names.add(str(ds.get("PatientName", "")))
+    assert set(back.loc[studies["study_uid"]]) <= originals
+    for path in (root / "results").iterdir():
+        text = path.read_text()
+        assert not any(uid in text for uid in originals), path
+        assert not any(name and name in text for name in names), path
+
+
+def test_a_model_without_a_frozen_threshold_or_champion_is_a_clear_error(tmp_path, new_studies):
+    model_dir = _model_dir(tmp_path, threshold=None)
+    with pytest.raises(MedtlError, match="metrics.json: no operating threshold"):
+        predict.resolve_model(model_dir / "model.pt", tmp_path / "registry")
+    with pytest.raises(MedtlError, match="no champion yet"):
+        predict.resolve_model(None, tmp_path / "registry")
+    assert predict.resolve_model(model_dir / "model.pt", tmp_path, threshold=0.3).threshold_from == "given"
