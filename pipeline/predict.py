@@ -20,9 +20,10 @@ Outputs (``out_dir``; pseudonymised, no PHI):
   studies, positive studies).
 
 ``local_dir`` (PHI: keep it out of DVC outputs and off shared storage, like the quarantine) receives
-``inputs.csv`` (which input files each image came from) and ``uids.csv``: each pseudonymised study,
-series and instance UID with the original one it stands for, checked by recomputing the pseudonym.
-That map is what sends results back to the patient's record; nothing else can reverse the pseudonyms.
+``inputs.csv`` (which input files each image came from), ``uids.csv`` (each pseudonymised study,
+series and instance UID with the original one it stands for, checked by recomputing the pseudonym)
+and ``sr/``: one DICOM Structured Report per study (:mod:`pipeline.sr`) with the original identifiers,
+ready to go back to the PACS. Nothing else can reverse the pseudonyms.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydicom import Dataset
 
 from pipeline import deid, ingest, keys, models, paths, preprocess, promote
 from pipeline.data import SplitData
@@ -45,7 +47,7 @@ from pipeline.device import DEVICES, init_distributed
 from pipeline.errors import MedtlError
 from pipeline.fanout import FanoutParams
 from pipeline.inference import score_split
-from pipeline.io_utils import atomic_write_text, csv_text, sha256_file
+from pipeline.io_utils import atomic_write_bytes, atomic_write_text, csv_text, sha256_file
 from pipeline.params import check, param, section
 from pipeline.sources import MB, Source
 from pipeline.sources.folder import FolderSource
@@ -70,11 +72,13 @@ class PredictParams:
             image makes the study positive) or ``mean``.
         batch_size: images per forward pass.
         device: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda``.
+        structured_report: write one DICOM SR per study (:mod:`pipeline.sr`) into the local directory.
     """
 
     aggregation: str = param("max", choices=AGGREGATIONS)
     batch_size: int = param(32, min=1)
     device: str = param("auto", choices=DEVICES)
+    structured_report: bool = True
 
     def __post_init__(self) -> None:
         check(self, "predict")
@@ -194,9 +198,15 @@ def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model
     scores = _score(model, params, work_dir / "images")
     images = _image_rows(scores, model)
     studies = _study_rows(images, params.aggregation, model.threshold)
-    uid_rows = _original_uids(source, local_dir / "inputs.csv", work_dir / "ingest" / "manifest.parquet",
-                              deid.Pseudonymizer(secret), ingest_params)
-    atomic_write_text(local_dir / "uids.csv", csv_text(["level", "pseudonymised_uid", "original_uid"], uid_rows))
+    pseudo = deid.Pseudonymizer(secret)
+    manifest = pd.read_parquet(work_dir / "ingest" / "manifest.parquet",
+                               columns=["image_id", "study_uid", "series_uid", "sop_instance_uids"])
+    manifest = manifest[manifest["image_id"].isin(set(images["image_id"]))]
+    headers = _original_headers(source, local_dir / "inputs.csv", manifest, pseudo, ingest_params)
+    atomic_write_text(local_dir / "uids.csv", csv_text(["level", "pseudonymised_uid", "original_uid"],
+                                                        _uid_rows(headers, pseudo)))
+    reports = (_write_reports(local_dir / "sr", studies, manifest, headers, model, params.aggregation)
+               if params.structured_report else 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "predictions.csv", _csv(images))
     atomic_write_text(out_dir / "studies.csv", _csv(studies))
@@ -209,7 +219,8 @@ def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model
         "counts": {"files_seen": ingested.files_seen, "ingested_files": ingested.ingested,
                    "rejected_files": ingested.rejected, "preprocess_rejected": prepared.rejected,
                    "images": len(images), "studies": len(studies),
-                   "positive_studies": int((studies["decision"] == POSITIVE).sum())},
+                   "positive_studies": int((studies["decision"] == POSITIVE).sum()),
+                   "structured_reports": reports},
         "params": asdict(params),
     }
     atomic_write_text(out_dir / "predict.json", json.dumps(summary, indent=2) + "\n")
@@ -263,39 +274,68 @@ def _csv(frame: pd.DataFrame) -> str:
     return buffer.getvalue()
 
 
-def _original_uids(source: Source, inputs_csv: Path, manifest_path: Path, pseudo: deid.Pseudonymizer,
-                   ingest_params: ingest.IngestParams) -> list[tuple[str, str, str]]:
-    """(level, pseudonymised UID, original UID) of every study, series and instance that was scored.
+def _original_headers(source: Source, inputs_csv: Path, manifest: pd.DataFrame, pseudo: deid.Pseudonymizer,
+                      ingest_params: ingest.IngestParams) -> dict[str, Dataset]:
+    """The original header (no pixels) of every scored instance, by its pseudonymised SOP Instance UID.
 
-    Each input file of an ingested image is read again (header only) and its original UIDs kept where
-    their pseudonym is the one the manifest holds: the map cannot attach a result to the wrong study.
+    Each input file of an ingested image is read again and kept only where its UIDs' pseudonyms are
+    the ones the manifest holds: a result cannot be attached to the wrong study (e.g. a file changed
+    since ingest).
     """
     import pydicom
 
-    wanted = {}
-    manifest = pd.read_parquet(manifest_path, columns=["image_id", "study_uid", "series_uid", "sop_instance_uids"])
-    for row in manifest.itertuples(index=False):
-        wanted[row.image_id] = {"study": {row.study_uid}, "series": {row.series_uid},
-                                "instance": set(row.sop_instance_uids)}
-    found: set[tuple[str, str, str]] = set()
+    wanted = {row.image_id: (row.study_uid, row.series_uid, set(row.sop_instance_uids))
+              for row in manifest.itertuples(index=False)}
+    headers: dict[str, Dataset] = {}
     with open(inputs_csv, newline="") as fh:
         for row in csv.DictReader(fh):
-            expected = wanted.get(row["image_id"])
-            if expected is None:
+            if row["image_id"] not in wanted:
                 continue
+            study, series, instances = wanted[row["image_id"]]
             for item in row["input"].split("|"):
                 data, _ = source.read(item, int(ingest_params.max_file_mb * MB))
                 if data is None:
                     continue
                 try:
-                    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
-                                         specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
-                except Exception:  # noqa: BLE001 - changed since ingest: its results cannot be mapped back
+                    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+                    uids = (pseudo.uid(str(ds.StudyInstanceUID)), pseudo.uid(str(ds.SeriesInstanceUID)),
+                            pseudo.uid(str(ds.SOPInstanceUID)))
+                except Exception:  # noqa: BLE001 - unreadable since ingest: its result cannot be mapped back
                     continue
-                for level, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
-                                       ("instance", "SOPInstanceUID")):
-                    original = str(ds.get(keyword, "") or "")
-                    if original and pseudo.uid(original) in expected[level]:
-                        found.add((level, pseudo.uid(original), original))
+                if uids[0] == study and uids[1] == series and uids[2] in instances:
+                    headers[uids[2]] = ds
+    return headers
+
+
+def _uid_rows(headers: dict[str, Dataset], pseudo: deid.Pseudonymizer) -> list[tuple[str, str, str]]:
+    """(level, pseudonymised UID, original UID) of every study, series and instance in ``headers``."""
+    rows = set()
+    for ds in headers.values():
+        for level, keyword in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
+                               ("instance", "SOPInstanceUID")):
+            rows.add((level, pseudo.uid(str(ds[keyword].value)), str(ds[keyword].value)))
     order = {"study": 0, "series": 1, "instance": 2}
-    return sorted(found, key=lambda r: (order[r[0]], r[1]))
+    return sorted(rows, key=lambda r: (order[r[0]], r[1]))
+
+
+def _write_reports(sr_dir: Path, studies: pd.DataFrame, manifest: pd.DataFrame, headers: dict[str, Dataset],
+                   model: Model, aggregation: str) -> int:
+    """One Structured Report per study (:func:`pipeline.sr.study_report`) into ``sr_dir``; how many."""
+    from pipeline import sr
+
+    by_study = manifest.groupby("study_uid")["sop_instance_uids"].agg(lambda s: [u for uids in s for u in uids])
+    version = str(model.version) if model.version is not None else f"sha256:{model.model_sha256[:12]}"
+    written = 0
+    for study in studies.itertuples(index=False):
+        evidence = [headers[u] for u in by_study.get(study.study_uid, []) if u in headers]
+        if not evidence:
+            continue
+        report = sr.study_report(evidence, score=study.score, threshold=model.threshold,
+                                 positive_class=model.classes[-1], model_name=model.card.get("name") or "medtl",
+                                 model_version=version, model_sha256=model.model_sha256, aggregation=aggregation)
+        buffer = io.BytesIO()
+        report.save_as(buffer, enforce_file_format=True)
+        name = hashlib.sha256(study.study_uid.encode()).hexdigest()[:16]  # no UID (PHI-adjacent) in the name
+        atomic_write_bytes(sr_dir / f"{name}.dcm", buffer.getvalue())
+        written += 1
+    return written

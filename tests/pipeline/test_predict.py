@@ -138,3 +138,37 @@ def test_a_model_without_a_frozen_threshold_or_champion_is_a_clear_error(tmp_pat
     with pytest.raises(MedtlError, match="no champion yet"):
         predict.resolve_model(None, tmp_path / "registry")
     assert predict.resolve_model(model_dir / "model.pt", tmp_path, threshold=0.3).threshold_from == "given"
+
+
+def test_each_study_gets_a_structured_report_that_round_trips_and_goes_back_to_the_original_record(
+        predicted, new_studies):
+    import highdicom as hd
+
+    root, _, summary = predicted
+    studies = pd.read_csv(root / "results/studies.csv").set_index("study_uid")
+    back = pd.read_csv(root / "local/uids.csv")
+    original_of = back[back["level"] == "study"].set_index("pseudonymised_uid")["original_uid"]
+    pseudonym_of = {v: k for k, v in original_of.items()}
+    headers = {}
+    for path in new_studies.rglob("*"):
+        if path.is_file() and path.name != "broken.dcm":
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            headers.setdefault(str(ds.StudyInstanceUID), ds)
+    reports = sorted((root / "local/sr").glob("*.dcm"))
+    assert len(reports) == summary["counts"]["structured_reports"] == len(studies)
+    for path in reports:
+        sr = hd.sr.srread(path)
+        study = pseudonym_of[str(sr.StudyInstanceUID)]  # the original study: the report files back into it
+        original = headers[str(sr.StudyInstanceUID)]
+        assert sr.PatientID == original.PatientID and sr.PatientName == original.PatientName
+        assert "not for diagnostic use" in sr.SeriesDescription and sr.VerificationFlag == "UNVERIFIED"
+        (group,) = sr.content.get_image_measurement_groups()
+        values = {m.name.meaning: m.value for m in group.get_measurements()}
+        assert values["Probability"] == pytest.approx(studies.loc[study, "score"], abs=1e-6)
+        assert values["Operating threshold (frozen, chosen on validation)"] == THRESHOLD
+        (decision,) = group.get_qualitative_evaluations()
+        assert decision.value.meaning == ("Present" if studies.loc[study, "decision"] == "positive" else "Absent")
+        referenced = {item.ReferencedSOPInstanceUID
+                      for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+                      for item in series.ReferencedSOPSequence}
+        assert len(referenced) >= studies.loc[study, "n_images"]
