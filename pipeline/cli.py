@@ -152,6 +152,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline import evaluate, ingest, promote, validate
+    from pipeline.fanout import FanoutParams
+
+    root = Path(args.out)
+    summary = validate.run(
+        load_section(evaluate.EvaluateParams, args.params, "evaluate", device=args.device), Path(args.input),
+        Path(args.labels), root, model_path=Path(args.model) if args.model else None,
+        registry=Path(args.registry or load_section(promote.PromoteParams, args.params, "promote").registry),
+        work_dir=root / "work", local_dir=Path(args.local) / "validate",
+        ingest_params=load_section(ingest.IngestParams, args.params, "ingest"),
+        fanout=load_section(FanoutParams, args.params, "fanout"),
+        lesions_csv=Path(args.lesions) if args.lesions else None)
+    print(f"validate: external test AUC {summary.test_auc:.3f} [{summary.test_auc_ci[0]:.3f}, "
+          f"{summary.test_auc_ci[1]:.3f}] on {summary.test_images} images of {summary.test_patients} patients at the "
+          f"frozen threshold {summary.threshold:.3f}; report {summary.report}")
+    return 0
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from pipeline import evaluate
 
@@ -388,6 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on-site PHI: predict/uids.csv maps pseudonymised UIDs back (default: %(default)s)")
     p.add_argument("--device", help="params predict.device: auto, cpu, cuda")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("validate", help="external validation: a frozen model (the champion or --model) on a new "
+                                        "labelled cohort, with its frozen threshold; evaluate's metrics and report")
+    p.add_argument("--input", required=True, help="folder of the external cohort's DICOM")
+    p.add_argument("--labels", required=True, help="its labels CSV (as ingest reads it)")
+    p.add_argument("--lesions", help="optional lesion sidecar (Grad-CAM localisation)")
+    p.add_argument("--model", help="a model.pt (model_card.json and metrics.json beside it); default: the champion")
+    p.add_argument("--registry", help="champion registry (params promote.registry)")
+    p.add_argument("--out", default=paths.in_project(paths.PREDICT_DIR, "validation"),
+                   help="report, metrics and work/ (default: %(default)s)")
+    p.add_argument("--local", default=paths.LOCAL_DIR, help="on-site PHI: quarantine (default: %(default)s)")
+    p.add_argument("--device", help="params evaluate.device: auto, cpu, cuda")
+    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("summary", help="print the trained model and its test metrics with CIs")
     p.add_argument("--reports", default=paths.REPORTS_DIR, help="evaluate output (default: %(default)s)")

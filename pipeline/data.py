@@ -106,12 +106,13 @@ def _read_input(path: Path, read, made_by: str):
 
 
 def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...] | str, *, fraction: float = 1.0,
-                fraction_seed: int = 0) -> SplitData:
+                fraction_seed: int = 0, required: tuple[str, ...] = ("train", "val")) -> SplitData:
     """Join the preprocess index with the split assignment; labels become indices into ``classes``.
 
     ``classes`` ``auto`` takes the sorted distinct labels of the index (every split), recorded in the
     result's ``classes``. ``fraction`` < 1 keeps only a nested, class-stratified subset of the TRAINING
-    patients (:func:`train_subset`); validation and test rows are never touched.
+    patients (:func:`train_subset`); validation and test rows are never touched. ``required``: the
+    splits that must not be empty (external validation has a test split only).
 
     Raises:
         UnknownLabelsError: a label is not in ``classes`` (or ``auto`` finds fewer than two).
@@ -157,7 +158,7 @@ def load_splits(images_dir: Path, splits_csv: Path, classes: tuple[str, ...] | s
         out["labels"][name] = part["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
         out["modalities"][name] = part["modality"].astype(str).to_numpy()
         patients[name] = int(part["patient_key"].nunique())
-    for name in ("train", "val"):
+    for name in required:
         if len(out["rows"][name]) == 0:
             raise DataError(f"{splits_csv}: the {name} split is empty")
     return SplitData(tensors, out["rows"], out["labels"], out["modalities"], patients, tuple(shape[1:]), pool,

@@ -95,7 +95,8 @@ class EvaluateSummary:
 
 
 def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: Path, out_dir: Path, *,
-        card_path: Path | None = None, live_dir: Path | None = None, report: bool = True) -> EvaluateSummary:
+        card_path: Path | None = None, live_dir: Path | None = None, report: bool = True,
+        frozen_threshold: dict | None = None, title: str | None = None) -> EvaluateSummary:
     """Evaluate ``model_path`` on the validation and test splits and write the outputs listed above.
 
     Args:
@@ -107,6 +108,10 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
         card_path: the model card to include in the report (default: beside the model).
         live_dir: DVCLive directory of the training curves (default: ``live/`` beside the model).
         report: also build ``report.md``/``report.html`` with figures.
+        frozen_threshold: external validation (``medtl validate``): the model's threshold as evaluate
+            chose it on its own validation split (``metrics.json``'s ``threshold``), applied unchanged;
+            only the test split is scored (it may be all there is) and nothing is refitted.
+        title: the report's title (default: "Evaluation report: <model name>").
     """
     model_path, images_dir, out_dir = Path(model_path), Path(images_dir), Path(out_dir)
     remove_stale_temps(out_dir)  # what a killed run left
@@ -116,7 +121,9 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
     model, meta = models.load_model(model_path, map_location="cpu")
     model.to(device)
     classes = list(meta["classes"])
-    data = load_splits(images_dir, Path(splits_csv), tuple(classes))
+    scored = ("val", "test") if frozen_threshold is None else ("test",)
+    data = load_splits(images_dir, Path(splits_csv), tuple(classes),
+                       required=("train", "val") if frozen_threshold is None else ())
     expected = list(meta["input_spec"]["shape"])
     if list(data.image_shape) != expected:
         raise DataError(f"{images_dir / 'tensors.npy'}: images are {list(data.image_shape)} but {model_path} "
@@ -125,20 +132,24 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
         raise DataError(f"{splits_csv}: the test split is empty; nothing to evaluate")
 
     index = pd.read_parquet(images_dir / "index.parquet").set_index("row")
-    probs = {s: score_split(model, data, s, device, params.batch_size) for s in ("val", "test")}
-    frames = {s: _frame(index, data, s, probs[s], classes) for s in ("val", "test")}
+    probs = {s: score_split(model, data, s, device, params.batch_size) for s in scored}
+    frames = {s: _frame(index, data, s, probs[s], classes) for s in scored}
     alpha = 1 - params.ci_level
     result: dict = {"classes": classes, "ci_level": params.ci_level, "n_boot": params.n_boot}
     ground_truth = lesions.read(images_dir)  # localisation only: never a label
     if len(classes) == 2:
-        threshold = metrics.choose_threshold(frames["val"]["y_true"], frames["val"]["score"], params.threshold,
-                                             params.target_sensitivity)
+        if frozen_threshold is None:
+            threshold = metrics.choose_threshold(frames["val"]["y_true"], frames["val"]["score"], params.threshold,
+                                                 params.target_sensitivity)
+            result["threshold"] = {"method": params.threshold, "value": threshold, "chosen_on": "val",
+                                   **({"target_sensitivity": params.target_sensitivity}
+                                      if params.threshold == "sensitivity" else {})}
+        else:
+            threshold = float(frozen_threshold["value"])
+            result["threshold"] = {**frozen_threshold, "frozen": True}
         for frame in frames.values():
             frame["predicted"] = (frame["score"] >= threshold).astype(int)
         result["positive_class"] = classes[1]
-        result["threshold"] = {"method": params.threshold, "value": threshold, "chosen_on": "val",
-                               **({"target_sensitivity": params.target_sensitivity}
-                                  if params.threshold == "sensitivity" else {})}
         for split, frame in frames.items():
             result[split] = metrics.evaluate_split(frame["y_true"], frame["score"], frame["patient_key"], threshold,
                                                    n_boot=params.n_boot, seed=params.seed, alpha=alpha,
@@ -157,6 +168,8 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
             result["test"]["localisation_hit_rate"] = found["hit_rate"]
             result["test"]["localisation_hit_rate_ci"] = [found["ci_low"], found["ci_high"]]
             result["test"]["localisation_pointing_game"] = found["pointing_game"]["hit_rate"]
+    elif frozen_threshold is not None:
+        raise DataError(f"{model_path}: external validation with a frozen threshold is for binary models")
     else:
         threshold, subgroups, roc_band = None, [], []
         for split, frame in frames.items():
@@ -164,7 +177,7 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
         _write_plots(out_dir / "plots", frames["test"], None, [classes[i] for i in probs["test"].argmax(1)])
 
     lean = {k: v for k, v in result.items() if k not in ("val", "test")}
-    for split in ("val", "test"):
+    for split in scored:
         lean[split] = {k: v for k, v in result[split].items() if k != "calibration_curve"}
         # `dvc metrics show` / `dvc exp show` display scalars only: each interval also as two numbers
         for key, value in list(lean[split].items()):
@@ -172,7 +185,7 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
                 lean[split][f"{key}_lo"], lean[split][f"{key}_hi"] = value
     atomic_write_text(out_dir / "metrics.json", json.dumps(lean, indent=2) + "\n")
     atomic_write_text(out_dir / "subgroups.json", json.dumps({"test": subgroups}, indent=2) + "\n")
-    predictions = pd.concat([frames["val"], frames["test"]], ignore_index=True)
+    predictions = pd.concat([frames[s] for s in scored], ignore_index=True)
     columns = ["image_id", "patient_key", "split", "label", "y_true", "score",
                *(["predicted"] if threshold is not None else [f"prob_{c}" for c in classes])]
     atomic_write_text(out_dir / "predictions.csv", predictions[columns].to_csv(index=False, float_format="%.6f"))
@@ -188,7 +201,7 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
                               "subgroups": {"test": subgroups}},
             predictions=predictions, history=read_history(live_dir), card=card, model=model.cpu(),
             backbone=meta["backbone"], tensors=np.load(data.tensors, mmap_mode="r"),
-            n_examples=params.gradcam_examples, lesions=ground_truth)
+            n_examples=params.gradcam_examples, lesions=ground_truth, title=title)
         report_path = str(paths["markdown"])
     test_metrics = result["test"]
     summary = EvaluateSummary(classes, threshold, test_metrics["auc"], test_metrics["auc_ci"],

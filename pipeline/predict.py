@@ -94,6 +94,7 @@ class Model:
     model_sha256: str
     threshold: float
     threshold_from: str
+    threshold_record: dict  # metrics.json's ``threshold`` (method, value, chosen_on), or {"method": "given", ...}
     version: int | None
     classes: list[str]
     input_spec: dict
@@ -128,19 +129,20 @@ def resolve_model(model_path: Path | None, registry: Path, threshold: float | No
     classes = list(card["input_spec"]["classes"])
     if len(classes) != 2:
         raise PredictError(f"{model_path}: {len(classes)} classes; predict decides for binary models only")
-    source = "given"
+    source, record = "given", {"method": "given", "value": threshold, "chosen_on": "given"}
     if threshold is None:
         metrics_path = model_path.parent / paths.METRICS
         try:
             chosen = json.loads(metrics_path.read_text())["threshold"]
             threshold, source = float(chosen["value"]), f"{chosen['method']} on {chosen['chosen_on']} (metrics.json)"
+            record = dict(chosen)
         except (OSError, ValueError, KeyError, TypeError):
             raise PredictError(f"{metrics_path}: no operating threshold beside the model (evaluate writes it; the "
                                "registry keeps it with each version); give --threshold") from None
     if not 0 <= threshold <= 1 or math.isnan(threshold):
         raise PredictError(f"threshold {threshold} is not a probability in [0, 1]")
     return Model(model_path, card, hashlib.sha256(card_path.read_bytes()).hexdigest(), model_sha, threshold, source,
-                 version, classes, card["input_spec"])
+                 record, version, classes, card["input_spec"])
 
 
 def preprocess_params(input_spec: dict) -> preprocess.PreprocessParams:
@@ -156,6 +158,33 @@ def preprocess_params(input_spec: dict) -> preprocess.PreprocessParams:
         raise PredictError("the model was trained with preprocess.window dataset_percentile, whose training-set "
                            "windows its card does not record; predict cannot reproduce its inputs")
     return params
+
+
+def prepare(model: Model, input_dir: Path | Source, labels_csv: Path | None, work_dir: Path, local_dir: Path, *,
+            key: bytes | keys.SiteKey | None, ingest_params: ingest.IngestParams, fanout: FanoutParams | None,
+            lesions_csv: Path | None = None) -> tuple[Source, bytes, ingest.IngestSummary, preprocess.PreprocessSummary]:
+    """New data through the training code: :func:`pipeline.ingest.run` into ``work_dir/ingest`` (quarantine
+    and the inputs map in ``local_dir``), then :func:`pipeline.preprocess.run` with the model's preprocess
+    params into ``work_dir/images``. Shared by predict (no labels) and validate (labels).
+
+    Returns:
+        (the source, the key's secret, ingest's summary, preprocess's summary).
+
+    Raises:
+        PredictError: no file of the input holds a usable image.
+    """
+    pre_params = preprocess_params(model.input_spec)
+    source = FolderSource(Path(input_dir)) if isinstance(input_dir, (str, Path)) else input_dir
+    site_key = key if key is not None else keys.resolve_key(demo_allowed=bool(source.synthetic_files()))
+    secret = site_key.secret if isinstance(site_key, keys.SiteKey) else bytes(site_key)
+    ingested = ingest.run(ingest_params, source, labels_csv, work_dir / "ingest", quarantine_dir=local_dir / "quarantine",
+                          key=secret, fanout=fanout, inputs_csv=local_dir / "inputs.csv", lesions_csv=lesions_csv,
+                          classes=tuple(model.classes) if labels_csv is not None else None)
+    if ingested.images == 0:
+        raise PredictError(f"{input_dir}: none of the {ingested.files_seen} files holds a usable image "
+                           f"(rejected: {ingested.rejected}); see {local_dir / 'quarantine'}")
+    prepared = preprocess.run(pre_params, work_dir / "ingest", work_dir / "images", fanout=fanout)
+    return source, secret, ingested, prepared
 
 
 def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model_path: Path | None = None,
@@ -184,17 +213,9 @@ def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model
     work_dir = Path(work_dir) if work_dir is not None else out_dir / "work"
     local_dir = Path(local_dir) if local_dir is not None else out_dir.parent / "local"
     model = resolve_model(model_path, registry, threshold)
-    pre_params = preprocess_params(model.input_spec)
     ingest_params = ingest_params or ingest.IngestParams()
-    source = FolderSource(Path(input_dir)) if isinstance(input_dir, (str, Path)) else input_dir
-    site_key = key if key is not None else keys.resolve_key(demo_allowed=bool(source.synthetic_files()))
-    secret = site_key.secret if isinstance(site_key, keys.SiteKey) else bytes(site_key)
-    ingested = ingest.run(ingest_params, source, None, work_dir / "ingest", quarantine_dir=local_dir / "quarantine",
-                          key=secret, fanout=fanout, inputs_csv=local_dir / "inputs.csv")
-    if ingested.images == 0:
-        raise PredictError(f"{input_dir}: none of the {ingested.files_seen} files holds a usable image "
-                           f"(rejected: {ingested.rejected}); see {local_dir / 'quarantine'}")
-    prepared = preprocess.run(pre_params, work_dir / "ingest", work_dir / "images", fanout=fanout)
+    source, secret, ingested, prepared = prepare(model, input_dir, None, work_dir, local_dir, key=key,
+                                                 ingest_params=ingest_params, fanout=fanout)
     scores = _score(model, params, work_dir / "images")
     images = _image_rows(scores, model)
     studies = _study_rows(images, params.aggregation, model.threshold)

@@ -117,7 +117,7 @@ def _unit_range(maps: torch.Tensor) -> torch.Tensor:
 
 def build_report(out_dir: Path, *, metrics: dict, predictions: pd.DataFrame, history: list[dict] | None,
                  card: dict, model: torch.nn.Module, backbone: str, tensors: np.ndarray,
-                 n_examples: int = 3, lesions: pd.DataFrame | None = None) -> dict[str, Path]:
+                 n_examples: int = 3, lesions: pd.DataFrame | None = None, title: str | None = None) -> dict[str, Path]:
     """Write the figures, ``report.md`` and ``report.html`` of a binary classifier's evaluation.
 
     Args:
@@ -138,11 +138,13 @@ def build_report(out_dir: Path, *, metrics: dict, predictions: pd.DataFrame, his
         n_examples: Grad-CAM examples per category.
         lesions: ground truth in tensor pixels (``row``, ``centre_row``, ``centre_col``, ``radius_px``; see
             :mod:`pipeline.lesions`), drawn as circles on the overlays; None: no ground truth.
+        title: the report's title (default: "Evaluation report: <model name>").
 
     Returns:
         ``{"markdown", "html", "gradcam_examples"}`` and one entry per figure (``roc``, ``confusion``,
         ``calibration``, ``training`` when drawn, ``gradcam_tp``, ``gradcam_fp``, ``gradcam_fn``): paths.
     """
+    report_title = title  # ``title`` is reused for the figures below
     out_dir = Path(out_dir)
     figures_dir = out_dir / "figures"
     classes = list(metrics["classes"])
@@ -189,7 +191,7 @@ def build_report(out_dir: Path, *, metrics: dict, predictions: pd.DataFrame, his
     paths["gradcam_examples"] = figures_dir / "gradcam_examples.json"
     atomic_write_text(paths["gradcam_examples"], json.dumps(sidecar, indent=2) + "\n")
 
-    title = f"Evaluation report: {card.get('name') or backbone}"
+    title = report_title or f"Evaluation report: {card.get('name') or backbone}"
     text = _markdown(title, metrics, negative, positive, history, card, examples, backbone)
     paths["markdown"] = out_dir / "report.md"
     atomic_write_text(paths["markdown"], text)
@@ -337,6 +339,8 @@ def _markdown(title: str, metrics: dict, negative: str, positive: str, history: 
     how = {"youden": "maximises sensitivity + specificity − 1",
            "sensitivity": f"the highest threshold reaching sensitivity ≥ {num(threshold.get('target_sensitivity'))}"}
     chosen_on = {"val": "the validation split"}.get(threshold.get("chosen_on"), cell(threshold.get("chosen_on")))
+    if threshold.get("frozen"):
+        chosen_on = "the model's own validation split when it was evaluated (frozen: nothing is refitted on this data)"
     lines += ["## Operating threshold", "",
               f"**{num(threshold['value'])}**, method `{cell(threshold['method'])}` "
               f"({how.get(threshold['method'], 'as configured')}), chosen on {chosen_on} and applied unchanged to "

@@ -28,7 +28,9 @@ def _model_dir(root: Path, threshold: float | None = THRESHOLD) -> Path:
     out = root / "version"
     out.mkdir(parents=True)
     torch.manual_seed(0)
-    model, _ = models.build_model(models.ModelParams(pretrained="none"), num_classes=2)
+    model, _ = models.build_model(models.ModelParams(), num_classes=2)  # ImageNet features: scores that vary
+    with torch.no_grad():
+        model.net._fc.weight.mul_(300)  # the new head starts near uniform: spread its scores over (0, 1)
     spec = {"shape": [3, SIZE, SIZE], "preprocess": PREPROCESS, "classes": ["normal", "lesion"]}
     buffer = io.BytesIO()
     torch.save(models.save_model(model, "efficientnet-lite0", ["normal", "lesion"], spec), buffer)
@@ -172,3 +174,32 @@ def test_each_study_gets_a_structured_report_that_round_trips_and_goes_back_to_t
                       for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
                       for item in series.ReferencedSOPSequence}
         assert len(referenced) >= studies.loc[study, "n_images"]
+
+
+def test_validate_scores_a_held_out_site_with_the_frozen_threshold_and_says_it_is_external(cohort, tmp_path):
+    from pipeline import evaluate, metrics, validate
+
+    site = tmp_path / "site"
+    shutil.copytree(cohort / "DICOM" / "SITE_B", site / "SITE_B")
+    labels = tmp_path / "labels.csv"
+    shutil.copy(cohort / "labels.csv", labels)  # rows of other sites' studies match nothing here
+    model_dir = _model_dir(tmp_path)
+    out = tmp_path / "validation"
+    summary = validate.run(evaluate.EvaluateParams(n_boot=50, gradcam_examples=1, device="cpu"), site, labels, out,
+                           model_path=model_dir / "model.pt", key=TEST_KEY, ingest_params=ingest.IngestParams(workers=1))
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["threshold"] == {"method": "youden", "value": THRESHOLD, "chosen_on": "val", "frozen": True}
+    assert "val" not in result and result["test"]["n_images"] == summary.test_images > 0
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert set(predictions["split"]) == {"test"}
+    assert result["test"]["auc"] == pytest.approx(metrics.rank_auc(predictions["y_true"].to_numpy(),
+                                                                   predictions["score"].to_numpy()), abs=1e-9)
+    # nothing refitted: the threshold this data would choose is not the one applied
+    refit = metrics.choose_threshold(predictions["y_true"], predictions["score"], "youden")
+    assert refit != THRESHOLD and ((predictions["score"] >= THRESHOLD) == (predictions["predicted"] == 1)).all()
+    report = (out / "report.md").read_text()
+    assert report.startswith("# External validation: medtl-test") and "frozen: nothing is refitted" in report
+    record = json.loads((out / "validation.json").read_text())
+    assert record["external_validation"] is True and record["cohort"]["images"] == summary.test_images
+    index = pd.read_parquet(tmp_path / "validation/work/images/index.parquet")
+    assert set(index["site"]) and index["site"].nunique() == 1  # one held-out site, pseudonymised
