@@ -13,8 +13,9 @@ Outputs (``out_dir``; pseudonymised, no PHI):
 - ``predictions.csv``: one row per image (``image_id, patient_key, study_uid, series_uid, modality,
   site, score, decision``); ``score`` is the positive-class probability;
 - ``studies.csv``: one row per study, its score aggregated over its images (``predict.aggregation``:
-  ``max`` by default, since one image showing the finding makes the study positive), and the
-  decision at the same threshold;
+  ``max`` by default, since one image showing the finding makes the study positive), the decision at
+  the same threshold, and ``new``: not in the previous run's ``studies.csv`` (arrived since; ingest's
+  cache means only new files are read);
 - ``predict.json``: the model (version, SHA-256 of ``model.pt`` and of its card), the threshold and
   where it came from, the aggregation, and the counts (files seen, rejected by reason, images,
   studies, positive studies).
@@ -219,6 +220,8 @@ def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model
     scores = _score(model, params, work_dir / "images")
     images = _image_rows(scores, model)
     studies = _study_rows(images, params.aggregation, model.threshold)
+    before = _previous_studies(out_dir / "studies.csv")
+    studies["new"] = ~studies["study_uid"].isin(before)  # arrived since the last run into out_dir
     pseudo = deid.Pseudonymizer(secret)
     manifest = pd.read_parquet(work_dir / "ingest" / "manifest.parquet",
                                columns=["image_id", "study_uid", "series_uid", "sop_instance_uids"])
@@ -241,7 +244,10 @@ def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model
                    "rejected_files": ingested.rejected, "preprocess_rejected": prepared.rejected,
                    "images": len(images), "studies": len(studies),
                    "positive_studies": int((studies["decision"] == POSITIVE).sum()),
+                   "new_studies": int(studies["new"].sum()),
+                   "new_positive_studies": int((studies["new"] & (studies["decision"] == POSITIVE)).sum()),
                    "structured_reports": reports},
+        "score_deciles": {"images": score_quantiles(images["score"]), "studies": score_quantiles(studies["score"])},
         "params": asdict(params),
     }
     atomic_write_text(out_dir / "predict.json", json.dumps(summary, indent=2) + "\n")
@@ -266,6 +272,19 @@ def _score(model: Model, params: PredictParams, images_dir: Path) -> pd.DataFram
     net, _ = models.load_model(model.path, map_location=device)
     probs = score_split(net.to(device), data, SPLIT, device, params.batch_size)
     return index.assign(score=probs[:, -1].astype(float))
+
+
+def _previous_studies(path: Path) -> set[str]:
+    try:
+        return set(pd.read_csv(path, usecols=["study_uid"])["study_uid"].astype(str))
+    except (OSError, ValueError):  # no earlier run (or an unreadable file): every study is new
+        return set()
+
+
+def score_quantiles(scores: pd.Series) -> dict[str, float]:
+    """The score distribution as its deciles (what the flow's artifact and a drift check compare)."""
+    values = np.quantile(scores.to_numpy(float), np.linspace(0, 1, 11)) if len(scores) else []
+    return {f"q{10 * i:02d}": round(float(v), 4) for i, v in enumerate(values)}
 
 
 def _decision(score: pd.Series, threshold: float) -> pd.Series:

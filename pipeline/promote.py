@@ -271,6 +271,11 @@ def _next_version(versions: Path) -> int:
     return max(numbers, default=0) + 1
 
 
+def version_dir(registry: Path, version: int) -> Path:
+    """Where the registry keeps ``version`` (its model.pt, card, metrics.json and subgroups.json)."""
+    return Path(registry) / "versions" / f"{int(version):04d}"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -298,7 +303,7 @@ def _store_version(registry: Path, sources: dict[str, Path], expected_sha256: st
             raise RuntimeError(f"{sources['model.pt']} changed while it was being promoted; run the promotion again")
         _fsync_dir(staging)
         version = _next_version(versions)
-        target = versions / f"{version:04d}"
+        target = version_dir(registry, version)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
