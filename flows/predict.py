@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from pipeline import drift
 from pipeline.paths import LOCAL_DIR, PREDICT_DIR, Project
 
 
@@ -47,6 +48,7 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| {name} | {counts.get(key, 0)} |")
     rejected = counts["rejected_files"]
     lines += [f"| files rejected | {sum(rejected.values())} {rejected or ''} |", "",
+              drift.summary_line(summary.get("drift")), "",
               "Study score deciles: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["score_deciles"]["studies"].items()),
               ""]
     return "\n".join(lines)

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from pydicom import Dataset
 
-from pipeline import deid, ingest, keys, models, paths, preprocess, promote
+from pipeline import deid, drift, ingest, keys, models, paths, preprocess, promote
 from pipeline.data import SplitData
 from pipeline.device import DEVICES, init_distributed
 from pipeline.errors import MedtlError
@@ -74,12 +74,15 @@ class PredictParams:
         batch_size: images per forward pass.
         device: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda``.
         structured_report: write one DICOM SR per study (:mod:`pipeline.sr`) into the local directory.
+        drift_psi: flag a modality whose image statistics' population stability index against the
+            model's training reference exceeds this (:mod:`pipeline.drift`).
     """
 
     aggregation: str = param("max", choices=AGGREGATIONS)
     batch_size: int = param(32, min=1)
     device: str = param("auto", choices=DEVICES)
     structured_report: bool = True
+    drift_psi: float = param(0.25, min=0, min_exclusive=True)
 
     def __post_init__(self) -> None:
         check(self, "predict")
@@ -218,6 +221,11 @@ def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model
     source, secret, ingested, prepared = prepare(model, input_dir, None, work_dir, local_dir, key=key,
                                                  ingest_params=ingest_params, fanout=fanout)
     scores = _score(model, params, work_dir / "images")
+    reference = model.card.get("data", {}).get("drift_reference")
+    shift = (drift.compare(reference, np.load(work_dir / "images" / "tensors.npy", mmap_mode="r"),
+                           scores["row"].to_numpy(), scores["modality"].to_numpy(), params.drift_psi)
+             if reference else None)
+    log.info("%s", drift.summary_line(shift))
     images = _image_rows(scores, model)
     studies = _study_rows(images, params.aggregation, model.threshold)
     before = _previous_studies(out_dir / "studies.csv")
@@ -247,6 +255,7 @@ def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model
                    "new_studies": int(studies["new"].sum()),
                    "new_positive_studies": int((studies["new"] & (studies["decision"] == POSITIVE)).sum()),
                    "structured_reports": reports},
+        "drift": shift,
         "score_deciles": {"images": score_quantiles(images["score"]), "studies": score_quantiles(studies["score"])},
         "params": asdict(params),
     }

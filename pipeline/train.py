@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import metrics, models
+from pipeline import drift, metrics, models
 from pipeline.data import AUTO_CLASSES, AugmentParams, SplitData, data_version, derived_seed, load_splits, make_dataset
 from pipeline.device import AMP_MODES, DEVICES, Dist, amp_dtype, autocast, device_name, init_distributed, loader_workers
 from pipeline.inference import predict
@@ -721,7 +721,10 @@ def _write_outputs(out_dir: Path, model: models.Classifier, params: TrainParams,
                  "class_counts": {s: {c: int((data.labels[s] == i).sum()) for i, c in enumerate(params.classes)}
                                   for s in data.rows},
                  "fingerprint": {k: fingerprint[k] for k in ("images", "labels", "sites", "modalities")
-                                 if k in fingerprint}},
+                                 if k in fingerprint},
+                 # what predict's drift check compares new images with (pipeline.drift)
+                 "drift_reference": drift.reference(np.load(data.tensors, mmap_mode="r"), data.rows["train"],
+                                                    data.modalities["train"])},
         "validation": {"best_epoch": summary.best_epoch, "auc": best.get("val_auc"), "loss": best.get("val_loss"),
                        "accuracy": best.get("val_accuracy"), "selection": "highest validation AUC"},
         "training": {"epochs_run": summary.epochs_run, "stopped_early": summary.stopped_early,

@@ -203,3 +203,29 @@ def test_validate_scores_a_held_out_site_with_the_frozen_threshold_and_says_it_i
     assert record["external_validation"] is True and record["cohort"]["images"] == summary.test_images
     index = pd.read_parquet(tmp_path / "validation/work/images/index.parquet")
     assert set(index["site"]) and index["site"].nunique() == 1  # one held-out site, pseudonymised
+
+
+def test_predict_reports_drift_against_the_cards_training_reference(predicted, new_studies, tmp_path):
+    from pipeline import drift
+
+    root, model_dir, _ = predicted
+    index = pd.read_parquet(root / "work/images/index.parquet")
+    tensors = np.load(root / "work/images/tensors.npy")
+    card = json.loads((model_dir / "model_card.json").read_text())
+    # a reference of these very images: nothing has drifted; a reference without CT: CT is unseen
+    card["data"] = {"drift_reference": drift.reference(tensors, index["row"].to_numpy(), index["modality"].to_numpy())}
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    (copy / "model_card.json").write_text(json.dumps(card))
+    summary = predict.run(predict.PredictParams(batch_size=8, device="cpu"), new_studies, tmp_path / "results",
+                          model_path=copy / "model.pt", work_dir=root / "work", local_dir=tmp_path / "local",
+                          key=TEST_KEY, ingest_params=ingest.IngestParams(workers=1))
+    assert summary["drift"]["flag"] is False
+    assert set(summary["drift"]["modalities"]) == set(index["modality"])
+    card["data"]["drift_reference"].pop("CT", None)
+    (copy / "model_card.json").write_text(json.dumps(card))
+    if "CT" in set(index["modality"]):
+        unseen = predict.run(predict.PredictParams(batch_size=8, device="cpu"), new_studies, tmp_path / "results2",
+                             model_path=copy / "model.pt", work_dir=root / "work", local_dir=tmp_path / "local",
+                             key=TEST_KEY, ingest_params=ingest.IngestParams(workers=1))
+        assert unseen["drift"]["flag"] and unseen["drift"]["modalities"]["CT"]["status"] == "unseen"

@@ -51,6 +51,9 @@ def test_outputs_card_and_curves(images, tmp_path):
     assert card["strategy"] == "finetune" and card["backbone"] == "efficientnet-lite0"
     assert card["data"]["version_sha256"]["tensors"] == models.sha256_file(images[0] / "tensors.npy")
     assert card["data"]["images"] == {"train": 24, "val": 12, "test": 12}
+    reference = card["data"]["drift_reference"]  # the training images' statistics predict compares with
+    assert sum(r["images"] for r in reference.values()) == 24 and set(reference) <= {"DX", "CR", "CT"}
+    assert all(len(r["mean"]) == 11 and r["mean"] == sorted(r["mean"]) for r in reference.values())
     assert card["validation"]["best_epoch"] == summary.best_epoch
     assert card["input_spec"]["normalisation"]["mean"] == list(models.IMAGENET_MEAN)
     assert card["intended_use"] and card["code_version"]["torch"] == torch.__version__
