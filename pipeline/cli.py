@@ -171,6 +171,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pipeline import export, predict, promote
+
+    registry = Path(args.registry or load_section(promote.PromoteParams, args.params, "promote").registry)
+    model = predict.resolve_model(Path(args.model) if args.model else None, registry, need_threshold=False)
+    tensors = Path(args.images) / "tensors.npy"
+    images = np.load(tensors, mmap_mode="r") if tensors.is_file() else None  # real inputs when there are
+    name = f"v{model.version:04d}" if model.version is not None else model.model_sha256[:12]
+    out = Path(args.out) / name
+    result = export.run(model.path, out, formats=tuple(args.formats), parity_images=images)
+    print(f"export: {', '.join(args.formats)} of {model.path} into {out}; parity (max |logit difference|, "
+          f"fp32): {json.dumps(result.get('parity', {}))}")
+    return 0
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from pipeline import evaluate
 
@@ -420,6 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", default=paths.LOCAL_DIR, help="on-site PHI: quarantine (default: %(default)s)")
     p.add_argument("--device", help="params evaluate.device: auto, cpu, cuda")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("export", help="TorchScript, ONNX and a MONAI bundle of the champion (or --model), each "
+                                      "checked against the PyTorch model; the model card travels with each")
+    p.add_argument("--model", help="a model.pt (its model_card.json beside it); default: the champion")
+    p.add_argument("--registry", help="champion registry (params promote.registry)")
+    p.add_argument("--images", default=paths.IMAGES_DIR,
+                   help="preprocess output whose tensors the parity check uses when present (default: %(default)s)")
+    p.add_argument("--formats", nargs="+", default=["torchscript", "onnx", "bundle"],
+                   choices=["torchscript", "onnx", "bundle"], help="what to write (default: all)")
+    p.add_argument("--out", default=paths.EXPORT_DIR, help="exports go to OUT/<version> (default: %(default)s)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("summary", help="print the trained model and its test metrics with CIs")
     p.add_argument("--reports", default=paths.REPORTS_DIR, help="evaluate output (default: %(default)s)")

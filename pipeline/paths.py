@@ -19,6 +19,7 @@ MODELS_DIR = "models"
 REPORTS_DIR = "reports"
 REGISTRY_DIR = "registry"  # promote's default (params promote.registry); outside DVC, like the quarantine
 PREDICT_DIR = "data/predict"  # medtl predict: results/ (pseudonymised) and work/ (de-identified copies, tensors)
+EXPORT_DIR = "data/export"   # medtl export: TorchScript, ONNX, MONAI bundle of a model
 LOCAL_DIR = "data/local"      # PHI that must stay on site (predict's UID map back to the records): never pushed
 
 # files inside the stage directories (the stages write these names)

@@ -104,11 +104,13 @@ class Model:
     input_spec: dict
 
 
-def resolve_model(model_path: Path | None, registry: Path, threshold: float | None = None) -> Model:
+def resolve_model(model_path: Path | None, registry: Path, threshold: float | None = None, *,
+                  need_threshold: bool = True) -> Model:
     """The model to apply: ``model_path``, or the champion of ``registry``; with its frozen threshold.
 
     The threshold is the one evaluate chose on validation, read from ``metrics.json`` beside the model
-    (the registry keeps it with every version), unless ``threshold`` is given.
+    (the registry keeps it with every version), unless ``threshold`` is given. ``need_threshold`` False
+    (e.g. export): none is needed (it is nan) and the model may have any number of classes.
 
     Raises:
         PredictError: no champion, no model file, a non-binary model, or no threshold anywhere.
@@ -131,10 +133,12 @@ def resolve_model(model_path: Path | None, registry: Path, threshold: float | No
     if card.get("model_file", {}).get("sha256", model_sha) != model_sha:
         raise PredictError(f"{card_path} describes another model than {model_path} (SHA-256 differs)")
     classes = list(card["input_spec"]["classes"])
-    if len(classes) != 2:
+    if len(classes) != 2 and need_threshold:
         raise PredictError(f"{model_path}: {len(classes)} classes; predict decides for binary models only")
     source, record = "given", {"method": "given", "value": threshold, "chosen_on": "given"}
-    if threshold is None:
+    if threshold is None and not need_threshold:  # e.g. export: the file and card are what matter
+        threshold, source, record = math.nan, "none", {}
+    elif threshold is None:
         metrics_path = model_path.parent / paths.METRICS
         try:
             chosen = json.loads(metrics_path.read_text())["threshold"]
@@ -143,7 +147,7 @@ def resolve_model(model_path: Path | None, registry: Path, threshold: float | No
         except (OSError, ValueError, KeyError, TypeError):
             raise PredictError(f"{metrics_path}: no operating threshold beside the model (evaluate writes it; the "
                                "registry keeps it with each version); give --threshold") from None
-    if not 0 <= threshold <= 1 or math.isnan(threshold):
+    if need_threshold and (not 0 <= threshold <= 1 or math.isnan(threshold)):
         raise PredictError(f"threshold {threshold} is not a probability in [0, 1]")
     return Model(model_path, card, hashlib.sha256(card_path.read_bytes()).hexdigest(), model_sha, threshold, source,
                  record, version, classes, card["input_spec"])

@@ -160,10 +160,29 @@ def promote_before_evaluate(tmp: Path):
         f"{Path('reports') / 'metrics.json'} does not exist: run `medtl evaluate`"
 
 
+def predict_without_a_champion(tmp: Path):
+    _dicom(tmp / "new" / "a.dcm")
+    return ["--params", str(_params(tmp)), "predict", "--input", str(tmp / "new")], \
+        "registry: no champion yet; run `medtl retrain`"
+
+
+def export_of_a_missing_model(tmp: Path):
+    return ["--params", str(_params(tmp)), "export", "--model", str(tmp / "nothing.pt")], \
+        f"{tmp / 'nothing.pt'}: no such model file"
+
+
+def validate_without_a_champion(tmp: Path):
+    labels = tmp / "labels.csv"
+    labels.write_text("file,label\na.dcm,normal\n")
+    return ["--params", str(_params(tmp)), "validate", "--input", str(tmp / "new"), "--labels", str(labels)], \
+        "no champion yet"
+
+
 CASES = [missing_params_file, misspelt_section, workers_two, negative_epochs, epochs_on_the_command_line,
          batch_size_zero, dropout, reversed_percentiles, missing_ingest_input, missing_preprocess_input,
          output_under_a_file, evaluate_without_a_model, evaluate_a_file_that_is_no_model, summary_without_metrics,
-         study_grid_that_does_not_exist, labels_0_1_with_the_default_classes, promote_before_evaluate]
+         study_grid_that_does_not_exist, labels_0_1_with_the_default_classes, promote_before_evaluate,
+         predict_without_a_champion, export_of_a_missing_model, validate_without_a_champion]
 
 
 @pytest.fixture

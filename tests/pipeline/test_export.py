@@ -277,3 +277,24 @@ def test_parity_of_the_real_imagenet_lite0_at_224_px(tmp_path):
     measured = np.abs(session.run(None, {"image": images.numpy()})[0] - _logits(model.eval(), images)).max()
     assert measured <= TOL and result["parity"]["onnx"]["max_abs_diff"] == pytest.approx(float(measured), abs=1e-7)
     assert result["parity"]["torchscript"]["max_abs_diff"] <= TOL
+
+
+def test_medtl_export_writes_every_format_under_the_models_name_with_the_preprocessed_images(tmp_path):
+    import subprocess
+    import sys
+
+    model_dir = _model_dir(tmp_path / "m")
+    images = tmp_path / "images"
+    images.mkdir()
+    np.save(images / "tensors.npy", np.random.default_rng(0).uniform(0, 1, (40, *SHAPE)).astype(np.float16))
+    (tmp_path / "params.yaml").write_text("")
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "--params", str(tmp_path / "params.yaml"), "export",
+                           "--model", str(model_dir / "model.pt"), "--images", str(images), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (out,) = (tmp_path / "x").iterdir()
+    record = json.loads((out / "export.json").read_text())
+    assert out.name == hashlib.sha256((model_dir / "model.pt").read_bytes()).hexdigest()[:12]  # not registered
+    assert {"model.ts", "model.onnx", "model_card.json", "bundle"} <= {p.name for p in out.iterdir()}
+    assert record["parity"]["images"] == 32 and "random" not in record["parity"]["image_source"]
+    assert max(record["parity"][f]["max_abs_diff"] for f in ("torchscript", "onnx", "bundle")) <= 1e-4
