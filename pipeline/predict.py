@@ -30,6 +30,7 @@ ready to go back to the PACS. Nothing else can reverse the pseudonyms.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -282,9 +283,20 @@ def _score(model: Model, params: PredictParams, images_dir: Path) -> pd.DataFram
                      {SPLIT: index["modality"].astype(str).to_numpy()}, {SPLIT: int(index["patient_key"].nunique())},
                      shape)
     _, device = init_distributed(params.device)
-    net, _ = models.load_model(model.path, map_location=device)
-    probs = score_split(net.to(device), data, SPLIT, device, params.batch_size)
+    probs = score_split(_loaded(str(model.path), model.model_sha256, str(device)), data, SPLIT, device,
+                        params.batch_size)
     return index.assign(score=probs[:, -1].astype(float))
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded(path: str, sha256: str, device: str):
+    """The network of ``path`` on ``device``, loaded once per process (keyed by its hash: a replaced file reloads).
+
+    A served predict flow or a benchmark scores many batches with one model: loading it each time would
+    dominate a single study's latency.
+    """
+    net, _ = models.load_model(Path(path), map_location=device)
+    return net.to(device).eval()
 
 
 def _previous_studies(path: Path) -> set[str]:

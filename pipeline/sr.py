@@ -94,4 +94,9 @@ def study_report(evidence: Sequence[Dataset], *, score: float, threshold: float,
         series_number=SERIES_NUMBER, sop_instance_uid=generate_uid(entropy_srcs=[*seed, "sr"]), instance_number=1,
         manufacturer="medtl", is_complete=True, is_final=False, is_verified=False,
         series_description=DISCLAIMER)
+    scheme = Dataset()  # declares the private coding scheme of medtl's own concepts (PS3.3 C.12.1.1.8)
+    scheme.CodingSchemeDesignator = CODING_SCHEME
+    scheme.CodingSchemeName = "medtl concepts"
+    scheme.CodingSchemeResponsibleOrganization = "medtl"
+    sr.CodingSchemeIdentificationSequence = [scheme]
     return sr

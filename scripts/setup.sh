@@ -50,6 +50,14 @@ if [ "$extra" = "dev" ] && ! command -v chromium >/dev/null 2>&1 && command -v a
     || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; }; } \
     || echo "setup: could not install chromium; the browser check will be skipped"
 fi
+# David Clunie's dciodvfy (Debian's dicom3tools) validates the DICOM SRs predict writes
+# (tests/pipeline/test_predict.py); without it that check skips and says why.
+if [ "$extra" = "dev" ] && ! command -v dciodvfy >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing Debian's dicom3tools for the DICOM validator"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q dicom3tools >/dev/null 2>&1 \
+    || echo "setup: could not install dicom3tools; the DICOM validator check will be skipped"
+fi
 
 # DVC: no analytics; the repo is initialised in git already (.dvc/ is committed).
 "$venv/bin/dvc" config --local core.analytics false >/dev/null 2>&1 || true

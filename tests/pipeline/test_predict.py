@@ -229,3 +229,16 @@ def test_predict_reports_drift_against_the_cards_training_reference(predicted, n
                              model_path=copy / "model.pt", work_dir=root / "work", local_dir=tmp_path / "local",
                              key=TEST_KEY, ingest_params=ingest.IngestParams(workers=1))
         assert unseen["drift"]["flag"] and unseen["drift"]["modalities"]["CT"]["status"] == "unseen"
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
+def test_every_structured_report_passes_dciodvfy_without_errors(predicted):
+    import subprocess
+
+    root, _, _ = predicted
+    for path in sorted((root / "local/sr").glob("*.dcm")):
+        done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        report = done.stdout + done.stderr
+        assert "Comprehensive3DSR" in report, report
+        errors = [line for line in report.splitlines() if line.startswith("Error")]
+        assert not errors, "\n".join(errors)
