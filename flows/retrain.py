@@ -25,11 +25,12 @@ from prefect.artifacts import (
     create_progress_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from pipeline.dvc_cli import run_dvc
 from pipeline.params import ParamsError, check, param
-from pipeline.paths import Project
+from pipeline.paths import EXPORT_DIR, Project
 
 CRON_ALIASES = ("@hourly", "@daily", "@midnight", "@weekly", "@monthly", "@yearly", "@annually")
 
@@ -44,6 +45,7 @@ class RetrainParams:
         timezone: an IANA time zone name (``UTC``, ``Europe/Berlin``) the cron expression is read in.
         promote: run the champion/challenger step.
         push: ``dvc push`` after a successful run.
+        export: after a promotion, export the new champion (TorchScript, ONNX, MONAI bundle: ``medtl export``).
         lock_timeout_s: seconds a second run on the repo waits for the first, >= 0 (0: fail at once).
     """
 
@@ -51,6 +53,7 @@ class RetrainParams:
     timezone: str = "UTC"
     promote: bool = True
     push: bool = True
+    export: bool = False
     lock_timeout_s: float = param(0.0, min=0)
 
     def __post_init__(self) -> None:
@@ -117,6 +120,19 @@ def promote_task(repo: Path, force: bool = False) -> dict:
     project = Project(repo)
     return promote.run_with_params(project.params, project.model, project.reports_dir, project.images_dir,
                                    project.splits_csv, root=project.root, force=force)
+
+
+@task(name="export", task_run_name="export champion", cache_policy=NO_CACHE)
+def export_task(repo: Path) -> str:
+    """Export the champion just promoted (:func:`pipeline.export.export_champion`); the export's folder."""
+    from pipeline import export, promote
+    from pipeline.params import load_section
+
+    project = Project(repo)
+    registry = project.registry(load_section(promote.PromoteParams, project.params, "promote").registry)
+    out, result = export.export_champion(registry, project.root / EXPORT_DIR, project.images_dir)
+    get_run_logger().info("export: %s into %s", ", ".join(result["formats"]), out)
+    return str(out)
 
 
 @task(name="dvc push", task_run_name="dvc push", retries=2, retry_delay_seconds=10)
@@ -189,7 +205,7 @@ def _publish(repo: Path, promotion: dict | None) -> None:
 
 @flow(name="retrain", log_prints=True)
 def retrain(repo: str = ".", overrides: dict[str, Any] | None = None, promote: bool = True, push: bool = True,
-            lock_timeout_s: float = 0.0) -> dict:
+            lock_timeout_s: float = 0.0, export: bool = False) -> dict:
     """Run the pipeline's stages through DVC, then promote the model if it is better, then push.
 
     Args:
@@ -198,6 +214,7 @@ def retrain(repo: str = ".", overrides: dict[str, Any] | None = None, promote: b
         promote: compare with the champion and promote if better.
         push: ``dvc push`` to the default remote after a successful run.
         lock_timeout_s: how long to wait for another run's lock before failing (0: fail at once).
+        export: after a promotion, export the new champion (TorchScript, ONNX, MONAI bundle).
     """
     from filelock import FileLock, Timeout
 
@@ -220,11 +237,13 @@ def retrain(repo: str = ".", overrides: dict[str, Any] | None = None, promote: b
                 raise StageFailed(f"stage {stage} failed: {state.message}")
             results[stage] = "skipped" if state.name == "Skipped" else "ran"
         promotion = promote_task(root) if promote else None
+        exported = (export_task(root) if export and promotion is not None and promotion["decision"]["promote"]
+                    else None)
         _publish(root, promotion)
         pushed = push_task(root) if push else "off"
         logger.info("retrain: %s; promotion %s; push %s", results,
                     promotion["decision"]["promote"] if promotion else "off", pushed)
-        return {"stages": results, "promotion": promotion, "pushed": pushed}
+        return {"stages": results, "promotion": promotion, "pushed": pushed, "exported": exported}
     finally:
         lock.release()
 

@@ -172,18 +172,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from pipeline import export, predict, promote
+    from pipeline import export, promote
 
     registry = Path(args.registry or load_section(promote.PromoteParams, args.params, "promote").registry)
-    model = predict.resolve_model(Path(args.model) if args.model else None, registry, need_threshold=False)
-    tensors = Path(args.images) / "tensors.npy"
-    images = np.load(tensors, mmap_mode="r") if tensors.is_file() else None  # real inputs when there are
-    name = f"v{model.version:04d}" if model.version is not None else model.model_sha256[:12]
-    out = Path(args.out) / name
-    result = export.run(model.path, out, formats=tuple(args.formats), parity_images=images)
-    print(f"export: {', '.join(args.formats)} of {model.path} into {out}; parity (max |logit difference|, "
+    out, result = export.export_champion(registry, Path(args.out), Path(args.images),
+                                         model_path=Path(args.model) if args.model else None, formats=args.formats)
+    print(f"export: {', '.join(args.formats)} into {out}; parity (max |logit difference|, "
           f"fp32): {json.dumps(result.get('parity', {}))}")
     return 0
 
@@ -283,7 +277,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     lock_timeout = params.lock_timeout_s if args.lock_timeout is None else args.lock_timeout
     try:
         result = retrain(repo=str(repo), overrides=_overrides(args.set), promote=params.promote and not args.no_promote,
-                         push=params.push and not args.no_push, lock_timeout_s=lock_timeout)
+                         push=params.push and not args.no_push, lock_timeout_s=lock_timeout, export=params.export)
     except (RepoBusy, StageFailed) as exc:
         log.error("retrain failed: %s", exc)
         return 1
@@ -304,7 +298,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from prefect.schedules import Cron
 
     retrain.serve(name=args.name, schedule=Cron(params.cron, timezone=params.timezone), parameters={
-        "repo": str(repo), "promote": params.promote, "push": params.push, "lock_timeout_s": params.lock_timeout_s})
+        "repo": str(repo), "promote": params.promote, "push": params.push, "lock_timeout_s": params.lock_timeout_s,
+        "export": params.export})
     return 0
 
 

@@ -47,6 +47,7 @@ from pipeline.io_utils import atomic_write_bytes, atomic_write_text, remove_stal
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "medtl-export/1"
+DEFAULT_PARITY_IMAGES = 32  # the issue's floor: parity on at least this many images
 FORMATS = ("torchscript", "onnx", "bundle")
 PARITY_TOLERANCE = 1e-4
 ONNX_OPSET = 18  # the dynamo exporter's own opset (its converter cannot take MONAI's Pad down to 17)
@@ -72,8 +73,32 @@ class ParityError(ExportError):
     """An export's outputs differ from the PyTorch model's by more than the tolerance."""
 
 
+def export_champion(registry: Path, out_root: Path, images_dir: Path | None = None, *, model_path: Path | None = None,
+                    formats: tuple[str, ...] | list[str] = FORMATS) -> tuple[Path, dict]:
+    """Export ``model_path`` (default: the champion of ``registry``) into ``out_root/<name>``.
+
+    ``<name>`` is ``v0001`` for a registry version, else the first 12 hex digits of the model's SHA-256. The
+    parity check uses the preprocessed tensors of ``images_dir`` when there are enough of the model's input
+    size (real inputs), else random images. What ``medtl export`` and the retrain flow's export step both do.
+
+    Returns:
+        (the export folder, the content of its ``export.json``).
+    """
+    from pipeline.predict import resolve_model
+
+    model = resolve_model(Path(model_path) if model_path else None, Path(registry), need_threshold=False)
+    tensors = Path(images_dir) / "tensors.npy" if images_dir is not None else None
+    images = np.load(tensors, mmap_mode="r") if tensors is not None and tensors.is_file() else None
+    if images is not None and (len(images) < DEFAULT_PARITY_IMAGES or list(images.shape[1:]) != list(
+            model.input_spec["shape"])):
+        images = None  # too few, or of another size than the model takes: random images in [0, 1] instead
+    name = f"v{model.version:04d}" if model.version is not None else model.model_sha256[:12]
+    out = Path(out_root) / name
+    return out, run(model.path, out, formats=tuple(formats), parity_images=images)
+
+
 def run(model_path: Path, out_dir: Path, formats: tuple[str, ...] | list[str] = FORMATS,
-        parity_images: np.ndarray | None = None, n_parity: int = 32, seed: int = 0,
+        parity_images: np.ndarray | None = None, n_parity: int = DEFAULT_PARITY_IMAGES, seed: int = 0,
         tolerance: float = PARITY_TOLERANCE, schema_file: Path | None = None) -> dict:
     """Export ``model_path`` into ``out_dir`` in ``formats`` and check each against the PyTorch model.
 

@@ -46,9 +46,10 @@ def test_the_flow_scores_new_arrivals_with_a_registry_version_and_publishes_coun
     assert second["counts"]["studies"] == len(studies) > first["counts"]["studies"]
     assert 0 < second["counts"]["new_studies"] == int(studies["new"].sum()) < len(studies)
     with get_client(sync_client=True) as client:
-        artifacts = [a for a in client.read_artifacts() if a.key == "predict-summary"]
+        artifacts = sorted((a for a in client.read_artifacts() if a.key == "predict-summary"), key=lambda a: a.created)
     assert len(artifacts) >= 2
     assert f"| new studies (since the last run) | {second['counts']['new_studies']} |" in artifacts[-1].data
+    assert f"| new studies (since the last run) | {first['counts']['new_studies']} |" in artifacts[-2].data
     with pytest.raises(Exception, match="no version 7"):
         predict_flow(repo=str(tmp_path), version=7)
 

@@ -42,7 +42,7 @@ def first_run(harness, project) -> dict:
     """The first flow run on the project (tests may run in any order: each asks for it)."""
     from flows.retrain import retrain
 
-    return retrain(repo=str(project))
+    return retrain(repo=str(project), export=True)
 
 
 def test_first_run_runs_every_stage_publishes_and_promotes(first_run, project):
@@ -55,6 +55,10 @@ def test_first_run_runs_every_stage_publishes_and_promotes(first_run, project):
     champion = json.loads((project / "registry/champion.json").read_text())
     assert champion["version"] in (1, "0001", "1")
     assert result["pushed"] == "local" and any((project.parent / "remote").rglob("*"))
+    # the new champion exported after its promotion, checked against the PyTorch model on the real tensors
+    exported = json.loads((Path(result["exported"]) / "export.json").read_text())
+    assert Path(result["exported"]).name == "v0001" and exported["parity"]["images"] == 32
+    assert max(exported["parity"][f]["max_abs_diff"] for f in ("torchscript", "onnx", "bundle")) <= 1e-4
     artifacts = _artifacts()
     for key in ("ingest-summary", "test-metrics", "evaluation-report", "promotion-decision", "train-progress"):
         assert key in artifacts, f"artifact {key} missing: {sorted(artifacts)}"
