@@ -413,7 +413,7 @@ import monai.bundle
 monai.bundle.run(run_id="run", config_file="configs/inference.json", meta_file="configs/metadata.json",
                  bundle_root=".", dataset_dir="/path/to/npy", output_dir="/path/to/results")
 ```
-or with MONAI's command line (needs python-fire: `pip install fire`):
+or with MONAI's command line (it needs python-fire, which medtl installs):
 ```
 python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \\
     --bundle_root . --dataset_dir /path/to/npy --output_dir /path/to/results

@@ -119,13 +119,11 @@ def test_monai_bundle_runner_gives_the_pytorch_logits_on_sample_images(exported,
     images = _parity_images(3, seed=11)
     for i, image in enumerate(images.numpy()):
         np.save(samples / f"image{i}.npy", image)
-    # MONAI's bundle runner in a fresh interpreter that imports nothing of medtl. (``python -m monai.bundle run``
-    # calls the same function through python-fire, which medtl does not install.)
-    args = {"run_id": "run", "config_file": str(bundle / "configs" / "inference.json"),
-            "meta_file": str(bundle / "configs" / "metadata.json"), "bundle_root": str(bundle),
-            "dataset_dir": str(samples), "output_dir": str(tmp_path / "results")}
-    run = subprocess.run([sys.executable, "-c", f"import monai.bundle; monai.bundle.run(**{args!r})"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # MONAI's own command line, in a fresh interpreter that imports nothing of medtl
+    run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                          "--meta_file", "configs/metadata.json", "--bundle_root", ".", "--dataset_dir", str(samples),
+                          "--output_dir", str(tmp_path / "results")],
+                         capture_output=True, text=True, timeout=300, cwd=bundle)
     assert run.returncode == 0, run.stderr[-3000:]
     files = [str(samples / f"image{i}.npy") for i in range(3)]
     logits = export.read_bundle_csv(tmp_path / "results" / "logits.csv", files)
