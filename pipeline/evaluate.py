@@ -138,6 +138,7 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
     result: dict = {"classes": classes, "ci_level": params.ci_level, "n_boot": params.n_boot}
     ground_truth = lesions.read(images_dir)  # localisation only: never a label
     if len(classes) == 2:
+        result["positive_class"] = classes[1]  # before the threshold: metrics.json keeps its key order
         if frozen_threshold is None:
             threshold = metrics.choose_threshold(frames["val"]["y_true"], frames["val"]["score"], params.threshold,
                                                  params.target_sensitivity)
@@ -149,7 +150,6 @@ def run(params: EvaluateParams, model_path: Path, images_dir: Path, splits_csv: 
             result["threshold"] = {**frozen_threshold, "frozen": True}
         for frame in frames.values():
             frame["predicted"] = (frame["score"] >= threshold).astype(int)
-        result["positive_class"] = classes[1]
         for split, frame in frames.items():
             result[split] = metrics.evaluate_split(frame["y_true"], frame["score"], frame["patient_key"], threshold,
                                                    n_boot=params.n_boot, seed=params.seed, alpha=alpha,
