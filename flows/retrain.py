@@ -47,6 +47,9 @@ class RetrainParams:
         push: ``dvc push`` after a successful run.
         export: after a promotion, export the new champion (TorchScript, ONNX, MONAI bundle: ``medtl export``).
         lock_timeout_s: seconds a second run on the repo waits for the first, >= 0 (0: fail at once).
+        pull_retries: when the source is a PACS, how often the pull task is retried after a transient
+            failure (server down, timeout, 5xx; a refused login is not retried).
+        pull_retry_delay_s: seconds between those retries.
     """
 
     cron: str = "0 3 * * 1"
@@ -55,6 +58,8 @@ class RetrainParams:
     push: bool = True
     export: bool = False
     lock_timeout_s: float = param(0.0, min=0)
+    pull_retries: int = param(2, min=0, max=10)
+    pull_retry_delay_s: float = param(60.0, min=0)
 
     def __post_init__(self) -> None:
         check(self, "retrain")
@@ -76,8 +81,40 @@ class StageFailed(RuntimeError):
     """A DVC stage exited non-zero; the message carries the end of its output."""
 
 
+#: a pull failure worth retrying: the server was down, slow or answered 5xx (medtl pull's one-line errors)
+_TRANSIENT = re.compile(r"cannot connect|timed out|HTTP 5\d\d|association (rejected|aborted)")
+
+
+def _pull_is_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition for the pull task: retry network trouble, not a refused login."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return bool(_TRANSIENT.search(str(exc)))
+    except Exception:  # noqa: BLE001 - anything else is not a known transient failure
+        return False
+    return False
+
+
+def _stage_error(stage: str, code: int, tail: list[str]) -> str:
+    """The stage's one-line medtl error when it printed one (what the user needs), else the output's end."""
+    errors = [line.split("medtl: error:", 1)[1].strip() for line in tail if "medtl: error:" in line]
+    if errors:
+        return f"stage {stage} failed: {errors[-1]}"
+    return f"stage {stage} failed (dvc exit {code}):\n" + "\n".join(tail[-15:])
+
+
 class RepoBusy(RuntimeError):
     """Another retrain run holds the repository lock."""
+
+
+PULL_STAGE = "pull"
+
+
+def _data_source(repo: Path) -> str:
+    from pipeline.params import DataParams, load_section
+
+    return load_section(DataParams, Project(repo).params, "data").source
 
 
 def pipeline_stages(repo: Path) -> list[str]:
@@ -86,8 +123,9 @@ def pipeline_stages(repo: Path) -> list[str]:
 
 
 @task(name="stage", task_run_name="{stage}")
-def run_stage(repo: Path, stage: str):
-    """``dvc repro --single-item <stage>``, its output streamed line by line into the task log."""
+def run_stage(repo: Path, stage: str, force: bool = False):
+    """``dvc repro --single-item <stage>`` (``--force``: even when DVC sees no change), its output streamed
+    line by line into the task log."""
     logger = get_run_logger()
     seen = {"skipped": False, "progress": None}
 
@@ -103,9 +141,9 @@ def run_stage(repo: Path, stage: str):
             update_progress_artifact(seen["progress"], progress=100.0 * done / total)
 
     started = time.perf_counter()
-    code, tail = run_dvc(repo, "repro", "--single-item", stage, on_line=on_line)
+    code, tail = run_dvc(repo, "repro", *(["--force"] if force else []), "--single-item", stage, on_line=on_line)
     if code != 0:
-        raise StageFailed(f"stage {stage} failed (dvc exit {code}):\n" + "\n".join(tail[-15:]))
+        raise StageFailed(_stage_error(stage, code, tail))
     seconds = round(time.perf_counter() - started, 1)
     if seen["skipped"]:
         return Completed(name="Skipped", message=f"{stage}: unchanged, skipped by DVC",
@@ -177,6 +215,16 @@ def _publish(repo: Path, promotion: dict | None) -> None:
     from pipeline import evaluate
 
     project = Project(repo)
+    if project.pull_summary.exists():
+        p = json.loads(project.pull_summary.read_text())
+        if not p.get("skipped"):
+            create_markdown_artifact(
+                key="pull-summary", description="PACS pull: studies queried, new, retrieved, failed",
+                markdown=(f"# Pull from {p['source']}\n\n| studies queried | new | changed | unchanged | retrieved "
+                          f"| failed | instances retrieved | MB | seconds |\n|---|---|---|---|---|---|---|---|---|\n"
+                          f"| {p['studies_queried']} | {p['studies_new']} | {p['studies_changed']} | "
+                          f"{p['studies_unchanged']} | {p['studies_retrieved']} | {p['studies_failed']} | "
+                          f"{p['instances_retrieved']} | {p['bytes_retrieved'] / 1e6:.1f} | {p['seconds']} |\n"))
     summary_path = project.ingest_summary
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
@@ -205,7 +253,8 @@ def _publish(repo: Path, promotion: dict | None) -> None:
 
 @flow(name="retrain", log_prints=True)
 def retrain(repo: str = ".", overrides: dict[str, Any] | None = None, promote: bool = True, push: bool = True,
-            lock_timeout_s: float = 0.0, export: bool = False) -> dict:
+            lock_timeout_s: float = 0.0, export: bool = False, pull_retries: int = 2,
+            pull_retry_delay_s: float = 60.0) -> dict:
     """Run the pipeline's stages through DVC, then promote the model if it is better, then push.
 
     Args:
@@ -215,6 +264,7 @@ def retrain(repo: str = ".", overrides: dict[str, Any] | None = None, promote: b
         push: ``dvc push`` to the default remote after a successful run.
         lock_timeout_s: how long to wait for another run's lock before failing (0: fail at once).
         export: after a promotion, export the new champion (TorchScript, ONNX, MONAI bundle).
+        pull_retries, pull_retry_delay_s: retries of the pull task (a PACS source) after a transient failure.
     """
     from filelock import FileLock, Timeout
 
@@ -231,8 +281,17 @@ def retrain(repo: str = ".", overrides: dict[str, Any] | None = None, promote: b
         if overrides:
             apply_overrides(root, overrides)
         results = {}
+        source = _data_source(root)
         for stage in pipeline_stages(root):
-            state = run_stage(root, stage, return_state=True)
+            if stage == PULL_STAGE and source != "folder":
+                # the PACS changes without DVC seeing it: always pull (new studies only, by the cursor); what
+                # comes after reruns only if something new arrived
+                state = run_stage.with_options(task_run_name=f"pull from {source}", retries=pull_retries,
+                                               retry_delay_seconds=pull_retry_delay_s,
+                                               retry_condition_fn=_pull_is_transient)(root, stage, force=True,
+                                                                                      return_state=True)
+            else:
+                state = run_stage(root, stage, return_state=True)
             if state.is_failed():
                 raise StageFailed(f"stage {stage} failed: {state.message}")
             results[stage] = "skipped" if state.name == "Skipped" else "ran"

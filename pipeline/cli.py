@@ -137,12 +137,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     params = load_section(predict.PredictParams, args.params, "predict", device=args.device)
     root = Path(args.predict_dir)
-    summary = predict.run(
-        params, Path(args.input), root / "results", model_path=Path(args.model) if args.model else None,
-        registry=Path(args.registry or load_section(promote.PromoteParams, args.params, "promote").registry),
-        work_dir=root / "work", local_dir=Path(args.local) / "predict",
-        ingest_params=load_section(ingest.IngestParams, args.params, "ingest"),
-        fanout=load_section(FanoutParams, args.params, "fanout"), threshold=args.threshold)
+    if (args.input is None) == (not args.pacs):
+        raise MedtlError("predict: give --input DIR (a folder of new studies) or --pacs (the PACS of params pacs)")
+    common = dict(model_path=Path(args.model) if args.model else None,
+                  registry=Path(args.registry or load_section(promote.PromoteParams, args.params, "promote").registry),
+                  work_dir=root / "work", ingest_params=load_section(ingest.IngestParams, args.params, "ingest"),
+                  fanout=load_section(FanoutParams, args.params, "fanout"), threshold=args.threshold)
+    if args.pacs:
+        from pipeline.params import DataParams
+        from pipeline.sources import pacs
+
+        source = load_section(DataParams, args.params, "data").source
+        if source == "folder":
+            raise MedtlError(f"{args.params}: data.source: predict --pacs needs a PACS (dicomweb or dimse), got 'folder'")
+        summary = predict.run_from_pacs(params, source, load_section(pacs.PacsParams, args.params, "pacs"),
+                                        root / "results", local_dir=Path(args.local) / "predict", **common)
+        p, st = summary["pull"], summary["stored"]
+        print(f"predict: pulled {p['studies_retrieved']} new or changed studies ({p['instances_retrieved']} instances) "
+              f"from {source}; stored {st['stored']} SRs into their studies ({st['already_present']} already there)")
+    else:
+        summary = predict.run(params, Path(args.input), root / "results", local_dir=Path(args.local) / "predict",
+                              **common)
     counts, model = summary["counts"], summary["model"]
     print(f"predict: {counts['images']} images of {counts['studies']} studies scored with "
           f"{'champion v' + str(model['version']) if model['version'] else model['path']} at threshold "
@@ -277,7 +292,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     lock_timeout = params.lock_timeout_s if args.lock_timeout is None else args.lock_timeout
     try:
         result = retrain(repo=str(repo), overrides=_overrides(args.set), promote=params.promote and not args.no_promote,
-                         push=params.push and not args.no_push, lock_timeout_s=lock_timeout, export=params.export)
+                         push=params.push and not args.no_push, lock_timeout_s=lock_timeout, export=params.export,
+                         pull_retries=params.pull_retries, pull_retry_delay_s=params.pull_retry_delay_s)
     except (RepoBusy, StageFailed) as exc:
         log.error("retrain failed: %s", exc)
         return 1
@@ -299,7 +315,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     retrain.serve(name=args.name, schedule=Cron(params.cron, timezone=params.timezone), parameters={
         "repo": str(repo), "promote": params.promote, "push": params.push, "lock_timeout_s": params.lock_timeout_s,
-        "export": params.export})
+        "export": params.export, "pull_retries": params.pull_retries,
+        "pull_retry_delay_s": params.pull_retry_delay_s})
     return 0
 
 
@@ -334,6 +351,20 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from pipeline.sources import pacs
+
+    summary = pacs.run_stage(args.params)
+    if summary is None:
+        print("pull: data.source is folder: nothing to pull")
+        return 0
+    s = summary
+    print(f"pull: {s.studies_queried} studies queried on {s.server}: {s.studies_new} new, {s.studies_changed} changed, "
+          f"{s.studies_unchanged} unchanged; {s.studies_retrieved} retrieved ({s.instances_retrieved} instances, "
+          f"{s.bytes_retrieved / 1e6:.1f} MB), {s.studies_failed} failed; in {paths.PACS_RAW_DIR}")
+    return 0
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from pipeline import keys
 
@@ -354,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (params synth.seed)")
     p.add_argument("--add", type=int, metavar="K", help="append K new patients to an existing cohort")
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("pull", help="retrieve new and changed studies from the PACS (data.source dicomweb or dimse) "
+                                    f"into {paths.PACS_RAW_DIR}; credentials from MEDTL_PACS_* variables")
+    p.set_defaults(func=_cmd_pull)
 
     p = sub.add_parser("ingest", help="classify, de-identify and index a DICOM tree")
     p.add_argument("--input", required=True, help="DICOM export directory (params data.raw_dir)")
@@ -409,7 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="apply the champion (or --model) to new, unlabelled studies: per-image "
                                        "and per-study scores and decisions at its frozen threshold")
-    p.add_argument("--input", required=True, help="folder of new DICOM studies (no labels needed)")
+    p.add_argument("--input", help="folder of new DICOM studies (no labels needed)")
+    p.add_argument("--pacs", action="store_true",
+                   help="instead of --input: pull the new studies from the PACS (params data.source, pacs) and store "
+                        "each study's SR back into it")
     p.add_argument("--model", help="a model.pt (its model_card.json and metrics.json beside it); default: the champion")
     p.add_argument("--registry", help="champion registry (params promote.registry)")
     p.add_argument("--threshold", type=float, help="override the frozen operating threshold (recorded as given)")

@@ -59,6 +59,7 @@ SECTIONS: dict[str, str] = {
     "evaluate": "pipeline.evaluate:EvaluateParams",
     "promote": "pipeline.promote:PromoteParams",
     "predict": "pipeline.predict:PredictParams",
+    "pacs": "pipeline.sources.pacs:PacsParams",
     "retrain": "flows.retrain:RetrainParams",
     "study": "pipeline.study:StudyParams",
 }
@@ -102,12 +103,16 @@ class DataParams:
     """``data`` section of params.yaml: where the site's export is (dvc.yaml's ingest stage reads it).
 
     Attributes:
+        source: where the DICOM comes from: ``folder`` (an export at ``raw_dir``), or a PACS,
+            ``dicomweb`` or ``dimse`` (the ``pull`` stage retrieves into ``data/raw/pacs``, which
+            ``raw_dir`` then names; server settings in the ``pacs`` section).
         raw_dir: the DICOM export directory.
         labels: the labels CSV.
         lesions: lesion ground-truth sidecar (Grad-CAM localisation only, never a label); ``none`` or
             null: none.
     """
 
+    source: str = param("folder", choices=("folder", "dicomweb", "dimse"))
     raw_dir: str = "data/raw/synth"
     labels: str = "data/raw/synth/labels.csv"
     lesions: str | None = "data/raw/synth/lesions.csv"

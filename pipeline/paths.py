@@ -20,10 +20,14 @@ REPORTS_DIR = "reports"
 REGISTRY_DIR = "registry"  # promote's default (params promote.registry); outside DVC, like the quarantine
 PREDICT_DIR = "data/predict"  # medtl predict: results/ (pseudonymised) and work/ (de-identified copies, tensors)
 EXPORT_DIR = "data/export"   # medtl export: TorchScript, ONNX, MONAI bundle of a model
+PACS_RAW_DIR = "data/raw/pacs"  # medtl pull: studies retrieved from the PACS (raw PHI: persist, never pushed)
+PULL_DIR = "data/pull"          # medtl pull: cursor.json (local, never pushed) and summary.json (DVC metric)
 LOCAL_DIR = "data/local"      # PHI that must stay on site (predict's UID map back to the records): never pushed
 
 # files inside the stage directories (the stages write these names)
 INGEST_SUMMARY = "summary.json"
+PULL_CURSOR = "cursor.json"
+PULL_SUMMARY = "summary.json"
 SPLITS_CSV = "splits.csv"
 MODEL = "model.pt"
 MODEL_CARD = "model_card.json"
@@ -53,6 +57,18 @@ class Project:
     @property
     def params(self) -> Path:
         return self.root / "params.yaml"
+
+    @property
+    def pacs_raw_dir(self) -> Path:
+        return self.root / PACS_RAW_DIR
+
+    @property
+    def pull_cursor(self) -> Path:
+        return self.root / PULL_DIR / PULL_CURSOR
+
+    @property
+    def pull_summary(self) -> Path:
+        return self.root / PULL_DIR / PULL_SUMMARY
 
     @property
     def ingest_dir(self) -> Path:

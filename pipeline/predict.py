@@ -271,6 +271,37 @@ def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model
     return summary
 
 
+def run_from_pacs(params: PredictParams, source: str, pacs_params, out_dir: Path, *, local_dir: Path,
+                  client=None, store: bool = True, **kwargs) -> dict:
+    """``medtl predict --pacs``: pull the studies new or changed since the last run from the PACS
+    (:func:`pipeline.sources.pacs.pull`, its own cursor and inbox under ``local_dir``: raw PHI), score
+    them with :func:`run`, and store each study's SR back into its study in the PACS (only those the
+    PACS does not hold yet: reruns store no duplicates).
+
+    Args:
+        source: ``dicomweb`` or ``dimse`` (``data.source``); pacs_params: the ``pacs`` section.
+        client: a PACS client (default: one for ``source`` with the environment's credentials).
+        store: send the SRs back (``params.structured_report`` must be on).
+        kwargs: passed to :func:`run` (model_path, registry, work_dir, key, ingest_params, fanout, threshold).
+
+    Returns:
+        :func:`run`'s summary with ``pull`` and ``stored`` counts added (also in ``predict.json``).
+    """
+    from pipeline.sources import pacs
+
+    if store and not params.structured_report:
+        raise PredictError("predict --pacs: results go back as SRs; set predict.structured_report: true")
+    local_dir = Path(local_dir)
+    client = pacs.client_for(source, pacs_params) if client is None else client
+    pulled = pacs.pull(source, pacs_params, local_dir / "pacs_inbox", local_dir / "pacs_cursor.json", client=client)
+    summary = run(params, local_dir / "pacs_inbox", out_dir, local_dir=local_dir, **kwargs)
+    stored = pacs.store_reports(client, local_dir / "sr") if store else None
+    summary["pull"] = {k: v for k, v in pulled.as_dict().items() if k != "server"}
+    summary["stored"] = stored.as_dict() if stored else None
+    atomic_write_text(Path(out_dir) / "predict.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def _score(model: Model, params: PredictParams, images_dir: Path) -> pd.DataFrame:
     """The preprocess index of the new images with the positive-class probability of each."""
     index = pd.read_parquet(images_dir / "index.parquet").sort_values("row").reset_index(drop=True)

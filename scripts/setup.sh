@@ -59,6 +59,21 @@ if [ "$extra" = "dev" ] && ! command -v dciodvfy >/dev/null 2>&1 && command -v a
     || echo "setup: could not install dicom3tools; the DICOM validator check will be skipped"
 fi
 
+# A real PACS for the pull/store tests and `make demo-pacs`: Debian's Orthanc with its DICOMweb plugin
+# (pipeline/sources/orthanc.py starts it on free ports; apt's own service is not used). Without it those
+# tests skip and say why.
+if [ "$extra" = "dev" ] || [ "${MEDTL_WITH_ORTHANC:-}" = 1 ]; then
+  if [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v apt-get >/dev/null 2>&1 \
+     && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's orthanc and orthanc-dicomweb for the PACS tests"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb >/dev/null 2>&1; }; } \
+      || echo "setup: could not install orthanc; the PACS tests will be skipped"
+    # the package starts its own service on 4242/8042 where an init system runs: medtl does not use it
+    { command -v service >/dev/null 2>&1 && service orthanc stop >/dev/null 2>&1; } || true
+  fi
+fi
+
 # DVC: no analytics; the repo is initialised in git already (.dvc/ is committed).
 "$venv/bin/dvc" config --local core.analytics false >/dev/null 2>&1 || true
 "$venv/bin/python" - <<'PY'

@@ -63,3 +63,48 @@ def tiny_images(tmp_path_factory) -> tuple[Path, Path]:
     splits = tmp_path_factory.mktemp("splits") / "splits.csv"
     index.assign(split=split)[["image_id", "patient_key", "label", "split"]].to_csv(splits, index=False)
     return out, splits
+
+
+# ------------------------------------------------------------------ a real PACS (Orthanc) for the pull tests
+
+PACS_PATIENTS = 6  # 13 studies, 20 series, 169 instances (seed 3): small enough to load in ~1.5 s
+
+
+def _orthanc_or_skip():
+    from pipeline.sources import orthanc
+
+    why = orthanc.missing()
+    if why:
+        pytest.skip(why)
+    return orthanc
+
+
+@pytest.fixture(scope="session")
+def pacs_cohort(tmp_path_factory) -> Path:
+    """The synthetic cohort the PACS tests load into Orthanc (no defect files: a PACS holds images)."""
+    from pipeline import synth
+
+    out = tmp_path_factory.mktemp("pacs_cohort") / "synth"
+    synth.run(synth.SynthParams(patients=PACS_PATIENTS, seed=3, defects=False), out)
+    return out
+
+
+@pytest.fixture
+def orthanc_server(tmp_path, pacs_cohort):
+    """A real Orthanc (DICOMweb + DIMSE, basic auth, own storage, free ports) holding :func:`pacs_cohort`,
+    loaded over STOW-RS; stopped after the test."""
+    orthanc = _orthanc_or_skip()
+    server = orthanc.start(tmp_path / "orthanc")
+    try:
+        orthanc.load(server, pacs_cohort)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pacs_env(orthanc_server, monkeypatch):
+    """The server's credentials in the environment, as a site sets them."""
+    for key, value in orthanc_server.env().items():
+        monkeypatch.setenv(key, value)
+    return orthanc_server

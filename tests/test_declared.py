@@ -16,7 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 #: The module each stage's command (``medtl <stage>``) runs. The CLI itself only parses arguments and
 #: params and is deliberately no stage's dependency (its change would rerun everything).
-STAGE_MODULES = {"synth": "pipeline/synth/__init__.py", "ingest": "pipeline/ingest.py",
+STAGE_MODULES = {"synth": "pipeline/synth/__init__.py", "pull": "pipeline/sources/pacs.py", "ingest": "pipeline/ingest.py",
                  "preprocess": "pipeline/preprocess.py", "split": "pipeline/split.py",
                  "train": "pipeline/train.py", "evaluate": "pipeline/evaluate.py"}
 

@@ -50,7 +50,7 @@ def test_first_run_runs_every_stage_publishes_and_promotes(first_run, project):
 
     result = first_run
     assert result["stages"] == {stage: "ran" for stage in pipeline_stages(project)}
-    assert list(result["stages"]) == ["synth", "ingest", "preprocess", "split", "train", "evaluate"]
+    assert list(result["stages"]) == ["synth", "pull", "ingest", "preprocess", "split", "train", "evaluate"]
     assert result["promotion"]["decision"]["promote"] is True
     champion = json.loads((project / "registry/champion.json").read_text())
     assert champion["version"] in (1, "0001", "1")
