@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-dev demo demo-more study test bench
+.PHONY: setup setup-dev demo demo-more demo-pacs study test bench
 
 setup:
 	scripts/setup.sh
@@ -25,6 +25,13 @@ demo-more: setup
 	medtl synth --out data/raw/synth --add 20
 	medtl retrain
 	@echo; medtl summary
+
+## demo-pacs: a real PACS as source and destination: a local Orthanc (Debian's orthanc + orthanc-dicomweb,
+## installed where apt and root are) holding the synthetic cohort; the retrain flow pulls from it, and
+## predict --pacs stores one SR into each study
+demo-pacs:
+	MEDTL_WITH_ORTHANC=1 scripts/setup.sh
+	scripts/demo_pacs.sh
 
 ## study: set up, then the transfer-learning study (strategy x data fraction, DVC experiments) on the
 ## synthetic cohort: reports/study.md with figures and findings (grid: params study.grids.cpu)
