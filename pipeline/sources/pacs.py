@@ -208,6 +208,7 @@ class DicomwebClient:
         elif creds.username:
             session.auth = (creds.username, creds.password)
         session.verify = creds.ca_bundle or creds.tls_verify
+        self.session = session
         self.client = DICOMwebClient(params.url.rstrip("/"), session=session, timeout=params.timeout_s)
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
@@ -250,9 +251,24 @@ class DicomwebClient:
         return [str(_value(i, "00080018")) for i in found]
 
     def retrieve(self, study: str, series: str) -> Iterator:
-        """The series' instances, as they arrive (stored transfer syntax kept)."""
+        """The series' instances as they arrive, each as the file bytes the PACS sent (its stored
+        transfer syntax: ``transfer-syntax=*``), so nothing is decoded and re-encoded on the way to disk.
+
+        The multipart body is split by dicomweb-client's own decoder; where a dicomweb-client release
+        no longer has it, its public ``iter_series`` gives parsed datasets instead (re-encoded on write).
+        """
+        decode = _raw_decoder(self.client)
         try:
-            yield from self.client.iter_series(study, series, media_types=(("application/dicom", "*"),))
+            if decode is None:
+                yield from self.client.iter_series(study, series, media_types=(("application/dicom", "*"),))
+                return
+            response = self.session.get(f"{self.params.url.rstrip('/')}/studies/{study}/series/{series}",
+                                        headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                                           "transfer-syntax=*"},
+                                        stream=True, timeout=self.params.timeout_s)
+            response.raise_for_status()
+            for part in decode(response, True):
+                yield bytes(part)
         except Exception as exc:  # noqa: BLE001
             raise _network_error(self.where, "WADO-RS series", exc) from None
 
@@ -263,6 +279,11 @@ class DicomwebClient:
         found = self._call("QIDO-RS instances", self.client.search_for_instances, study,
                            search_filters={"SOPInstanceUID": sop_uid})
         return bool(found)
+
+
+def _raw_decoder(client) -> Callable | None:
+    """dicomweb-client's multipart decoder (bytes of each part), if this release has it."""
+    return getattr(client, "_decode_multipart_message", None)
 
 
 def _network_error(where: str, what: str, exc: Exception) -> PacsError:
@@ -338,12 +359,12 @@ def load_cursor(path: Path) -> dict:
 
 
 def _encode(ds) -> bytes:
-    """A retrieved dataset as a DICOM file (preamble, file meta and the transfer syntax it came in)."""
-    import pydicom
+    """A retrieved dataset as a DICOM file in the transfer syntax it came in: its elements as the bytes
+    they were received as (``deid.encode``: pydicom's writer would decode and re-encode each, 4-5x the
+    cost of the retrieval itself), behind a zero preamble (a preamble may hide anything)."""
+    from pipeline.deid import encode
 
-    buffer = io.BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    return buffer.getvalue()
+    return encode(ds)
 
 
 def pull(source: str, params: PacsParams, out_dir: Path, cursor_path: Path, *, client=None,
@@ -405,8 +426,19 @@ def pull(source: str, params: PacsParams, out_dir: Path, cursor_path: Path, *, c
     return summary
 
 
+def _identity(data: bytes):
+    """The SOP and series UIDs of a received file (header only), or None when it is not DICOM."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                               specific_tags=["SOPInstanceUID", "SeriesInstanceUID"])
+    except Exception:  # noqa: BLE001 - anything unparseable is refused, not written
+        return None
+
+
 def _without_uids(text: str) -> str:
-    return re.sub(r"\b\d+(\.\d+){3,}\b", "<uid>", text)
+    return re.sub(r"\b\d+(\.\d+){4,}\b", "<uid>", text)  # 5+ components: a UID, not an IPv4 address
 
 
 def _save_cursor(path: Path, cursor: dict) -> None:
@@ -427,8 +459,9 @@ def _pull_study(client, study: Study, entry: dict, wanted: set[str], out_dir: Pa
             continue
         folder = out_dir / study.uid / series.uid
         count = 0
-        for ds in client.retrieve(study.uid, series.uid):
-            sop = str(getattr(ds, "SOPInstanceUID", ""))
+        for item in client.retrieve(study.uid, series.uid):
+            ds = _identity(item) if isinstance(item, (bytes, bytearray)) else item
+            sop = str(getattr(ds, "SOPInstanceUID", "")) if ds is not None else ""
             if not UID.match(sop) or len(sop) > 64 or str(getattr(ds, "SeriesInstanceUID", "")) != series.uid:
                 summary.instances_refused += 1
                 continue
@@ -437,7 +470,7 @@ def _pull_study(client, study: Study, entry: dict, wanted: set[str], out_dir: Pa
             if target.exists():
                 summary.instances_already_present += 1
                 continue
-            data = _encode(ds)
+            data = bytes(item) if isinstance(item, (bytes, bytearray)) else _encode(ds)
             atomic_write_bytes(target, data, durable=False)
             summary.instances_retrieved += 1
             summary.bytes_retrieved += len(data)

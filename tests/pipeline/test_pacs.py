@@ -197,6 +197,11 @@ class _Hostile:
         yield ds
 
 
+def test_log_lines_drop_uids_but_keep_server_addresses():
+    line = pacs._without_uids("pacs http://127.0.0.1:8042/dicom-web: study 1.2.826.0.1.3680043.8.498.1 failed")
+    assert "127.0.0.1:8042" in line and "1.2.826" not in line
+
+
 def test_uids_that_are_not_uids_never_become_paths(tmp_path):
     summary = pacs.pull("dicomweb", pacs.PacsParams(), tmp_path / "raw", tmp_path / "cursor.json", client=_Hostile())
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "cursor.json"]
@@ -274,3 +279,13 @@ def test_medtl_pull_stage_reads_params_and_does_nothing_for_a_folder_source(orth
     refused = subprocess.run([sys.executable, "-m", "pipeline.cli", "pull"], cwd=tmp_path, capture_output=True,
                              text=True, env=env, timeout=120)
     assert refused.returncode == 2 and "HTTP 401" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_without_dicomweb_clients_raw_decoder_the_parsed_datasets_are_written_as_received(
+        orthanc_server, pacs_cohort, tmp_path, monkeypatch):
+    """The fallback for a dicomweb-client release without its multipart decoder: iter_series datasets,
+    written element by element as the bytes received (the same files)."""
+    monkeypatch.setattr(pacs, "_raw_decoder", lambda client: None)
+    pacs.pull("dicomweb", _params(orthanc_server), tmp_path / "raw", tmp_path / "cursor.json",
+              client=_client(orthanc_server))
+    assert _pulled(tmp_path / "raw") == _originals(pacs_cohort)
