@@ -51,7 +51,7 @@ PROTOCOLS = ("dicomweb", "dimse")
 #: refused before it becomes part of a path (a hostile "UID" such as ``../../x`` must not escape the folder).
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 CURSOR_VERSION = 1
-QIDO_PAGE = 500
+QIDO_PAGE = 1000
 ENV = {"username": "MEDTL_PACS_USERNAME", "password": "MEDTL_PACS_PASSWORD", "token": "MEDTL_PACS_TOKEN",
        "ca_bundle": "MEDTL_PACS_CA_BUNDLE", "tls_verify": "MEDTL_PACS_TLS_VERIFY"}
 
@@ -218,14 +218,8 @@ class DicomwebClient:
             raise _network_error(self.where, what, exc) from None
 
     def _search(self, what: str, fn: Callable, *args, **kwargs) -> list[dict]:
-        """Every match of a QIDO-RS query, page by page (limit/offset; dicomweb-client's own
-        ``get_remaining`` never returns against Orthanc 1.10)."""
-        found: list[dict] = []
-        while True:
-            page = self._call(what, fn, *args, limit=QIDO_PAGE, offset=len(found), **kwargs) or []
-            found.extend(page)
-            if len(page) < QIDO_PAGE:
-                return found
+        return search_all(lambda offset: self._call(what, fn, *args, limit=QIDO_PAGE, offset=offset, **kwargs),
+                          self.where, what)
 
     def studies(self) -> list[Study]:
         filters = {}
@@ -279,6 +273,30 @@ class DicomwebClient:
         found = self._call("QIDO-RS instances", self.client.search_for_instances, study,
                            search_filters={"SOPInstanceUID": sop_uid})
         return bool(found)
+
+
+def search_all(page: Callable[[int], list[dict]], where: str = "", what: str = "") -> list[dict]:
+    """Every match of a QIDO-RS query, page by page (``page(offset)`` asks for QIDO_PAGE from ``offset``).
+
+    Paging goes on while a page brings matches not seen before: a server may answer fewer than asked
+    per page (its own cap) and still hold more. dicomweb-client's ``get_remaining`` is not used: it never
+    returns against Orthanc 1.10. Orthanc also applies ``limit`` before ``offset`` when the query has
+    filters, so a filtered query stops at QIDO_PAGE matches; when the matches end exactly at a page
+    boundary that may be such a cap, and it is logged (narrow ``pacs.days_back``).
+    """
+    found: list[dict] = []
+    seen: set = set()
+    while True:
+        batch = page(len(found)) or []
+        new = [item for item in batch if json.dumps(item, sort_keys=True) not in seen]
+        if not new:
+            break
+        seen.update(json.dumps(item, sort_keys=True) for item in new)
+        found.extend(new)
+    if found and len(found) % QIDO_PAGE == 0:
+        log.warning("pacs %s: %s returned exactly %d matches and no more; the server may cap its answers: "
+                    "narrow pacs.days_back or the date window", where, what, len(found))
+    return found
 
 
 def _raw_decoder(client) -> Callable | None:

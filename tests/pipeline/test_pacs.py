@@ -289,3 +289,13 @@ def test_without_dicomweb_clients_raw_decoder_the_parsed_datasets_are_written_as
     pacs.pull("dicomweb", _params(orthanc_server), tmp_path / "raw", tmp_path / "cursor.json",
               client=_client(orthanc_server))
     assert _pulled(tmp_path / "raw") == _originals(pacs_cohort)
+
+
+def test_qido_paging_follows_a_server_cap_and_flags_an_orthanc_like_limit(caplog, monkeypatch):
+    monkeypatch.setattr(pacs, "QIDO_PAGE", 10)
+    matches = [{"0020000D": {"Value": [f"1.2.{i}"]}} for i in range(25)]
+    capped = lambda offset: matches[offset:offset + 4]  # noqa: E731 - a server that answers 4 per page at most
+    assert pacs.search_all(capped) == matches
+    limit_first = lambda offset: matches[:10][offset:offset + 10]  # noqa: E731 - limit applied before offset
+    assert pacs.search_all(limit_first, "srv", "QIDO-RS studies") == matches[:10]
+    assert "may cap its answers" in caplog.text
