@@ -75,6 +75,8 @@ class PredictParams:
         batch_size: images per forward pass.
         device: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda``.
         structured_report: write one DICOM SR per study (:mod:`pipeline.sr`) into the local directory.
+        secondary_capture: also one Secondary Capture per study (:mod:`pipeline.sc`): the Grad-CAM overlay
+            of its highest-scoring image (costs a backward pass per study).
         drift_psi: flag a modality whose image statistics' population stability index against the
             model's training reference exceeds this (:mod:`pipeline.drift`).
     """
@@ -83,6 +85,7 @@ class PredictParams:
     batch_size: int = param(32, min=1)
     device: str = param("auto", choices=DEVICES)
     structured_report: bool = True
+    secondary_capture: bool = False
     drift_psi: float = param(0.25, min=0, min_exclusive=True)
 
     def __post_init__(self) -> None:
@@ -244,6 +247,8 @@ def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model
                                                         _uid_rows(headers, pseudo)))
     reports = (_write_reports(local_dir / "sr", studies, manifest, headers, model, params.aggregation)
                if params.structured_report else 0)
+    captures = (_write_captures(local_dir / "sc", scores, manifest, headers, model, work_dir / "images", params)
+                if params.secondary_capture else 0)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "predictions.csv", _csv(images))
     atomic_write_text(out_dir / "studies.csv", _csv(studies))
@@ -259,7 +264,7 @@ def run(params: PredictParams, input_dir: Path | Source, out_dir: Path, *, model
                    "positive_studies": int((studies["decision"] == POSITIVE).sum()),
                    "new_studies": int(studies["new"].sum()),
                    "new_positive_studies": int((studies["new"] & (studies["decision"] == POSITIVE)).sum()),
-                   "structured_reports": reports},
+                   "structured_reports": reports, "secondary_captures": captures},
         "drift": shift,
         "score_deciles": {"images": score_quantiles(images["score"]), "studies": score_quantiles(studies["score"])},
         "params": asdict(params),
@@ -295,7 +300,7 @@ def run_from_pacs(params: PredictParams, source: str, pacs_params, out_dir: Path
     client = pacs.client_for(source, pacs_params) if client is None else client
     pulled = pacs.pull(source, pacs_params, local_dir / "pacs_inbox", local_dir / "pacs_cursor.json", client=client)
     summary = run(params, local_dir / "pacs_inbox", out_dir, local_dir=local_dir, **kwargs)
-    stored = pacs.store_reports(client, local_dir / "sr") if store else None
+    stored = pacs.store_reports(client, local_dir / "sr", local_dir / "sc") if store else None
     summary["pull"] = {k: v for k, v in pulled.as_dict().items() if k != "server"}
     summary["stored"] = stored.as_dict() if stored else None
     atomic_write_text(Path(out_dir) / "predict.json", json.dumps(summary, indent=2) + "\n")
@@ -412,6 +417,40 @@ def _uid_rows(headers: dict[str, Dataset], pseudo: deid.Pseudonymizer) -> list[t
             rows.add((level, pseudo.uid(str(ds[keyword].value)), str(ds[keyword].value)))
     order = {"study": 0, "series": 1, "instance": 2}
     return sorted(rows, key=lambda r: (order[r[0]], r[1]))
+
+
+def _write_captures(sc_dir: Path, scores: pd.DataFrame, manifest: pd.DataFrame, headers: dict[str, Dataset],
+                    model: Model, images_dir: Path, params: PredictParams) -> int:
+    """One Grad-CAM Secondary Capture per study (:func:`pipeline.sc.gradcam_capture`) of its
+    highest-scoring image, into ``sc_dir``; how many."""
+    import torch
+
+    from pipeline import report, sc
+
+    top = scores.sort_values(["score", "image_id"], ascending=[False, True]).groupby("study_uid", sort=True).head(1)
+    sops = manifest.set_index("image_id")["sop_instance_uids"]
+    tensors = np.load(images_dir / "tensors.npy", mmap_mode="r")
+    _, device = init_distributed(params.device)
+    net = _loaded(str(model.path), model.model_sha256, str(device))
+    backbone = torch.load(model.path, map_location="cpu", weights_only=True)["backbone"]
+    version = str(model.version) if model.version is not None else f"sha256:{model.model_sha256[:12]}"
+    written = 0
+    for row in top.itertuples(index=False):
+        uids = [u for u in sops.get(row.image_id, []) if u in headers]
+        if not uids:
+            continue
+        image = np.asarray(tensors[row.row], np.float32)
+        cam = report.gradcam(net, backbone, torch.from_numpy(image[None]), len(model.classes) - 1)[0]
+        capture = sc.gradcam_capture(headers[uids[len(uids) // 2]], image, cam, score=float(row.score),
+                                     threshold=model.threshold, positive_class=model.classes[-1],
+                                     model_name=model.card.get("name") or "medtl", model_version=version,
+                                     model_sha256=model.model_sha256)
+        buffer = io.BytesIO()
+        capture.save_as(buffer, enforce_file_format=True)
+        name = hashlib.sha256(row.study_uid.encode()).hexdigest()[:16]
+        atomic_write_bytes(sc_dir / f"{name}.dcm", buffer.getvalue())
+        written += 1
+    return written
 
 
 def _write_reports(sr_dir: Path, studies: pd.DataFrame, manifest: pd.DataFrame, headers: dict[str, Dataset],

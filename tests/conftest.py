@@ -108,3 +108,19 @@ def pacs_env(orthanc_server, monkeypatch):
     for key, value in orthanc_server.env().items():
         monkeypatch.setenv(key, value)
     return orthanc_server
+
+
+def image_files(folder: Path) -> dict[str, Path]:
+    """SOPInstanceUID -> path of every image file (pydicom reads it, it has pixel data) under ``folder``."""
+    import pydicom
+
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            try:
+                ds = pydicom.dcmread(path)
+            except Exception:
+                continue
+            if "PixelData" in ds:
+                out[str(ds.SOPInstanceUID)] = path
+    return out

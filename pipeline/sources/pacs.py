@@ -43,7 +43,7 @@ from pipeline.params import check, param
 log = logging.getLogger(__name__)
 # dicomweb-client and urllib3 log request URLs (which hold study/series UIDs) at INFO/DEBUG: keep them quiet,
 # even under `medtl -v`; our own lines count studies and never name them
-for _name in ("dicomweb_client", "urllib3", "pynetdicom"):
+for _name in ("dicomweb_client", "urllib3"):  # pynetdicom: pipeline.sources.dimse
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 PROTOCOLS = ("dicomweb", "dimse")
@@ -74,7 +74,7 @@ class PacsParams:
         description: a StudyDescription filter (``*`` wildcards), empty for none.
         body_part: only series with this BodyPartExamined, empty for any.
         retries: attempts after the first for a query or a series that failed with a network error or
-            a 5xx status (with exponential backoff from 1 s).
+            a 5xx status (exponential backoff from 0.5 s).
         timeout_s: per network operation.
         secret_block: name of a Prefect Secret block holding the credentials (JSON), empty: environment.
     """
@@ -511,17 +511,18 @@ class StoreSummary:
         return dict(self.__dict__)
 
 
-def store_reports(client, sr_dir: Path) -> StoreSummary:
-    """Store every DICOM SR under ``sr_dir`` into its study in the PACS (STOW-RS or C-STORE).
+def store_reports(client, *folders: Path) -> StoreSummary:
+    """Store every DICOM file in ``folders`` (predict's SRs and Grad-CAM captures) into its study in the
+    PACS (STOW-RS or C-STORE).
 
-    An SR's UIDs are fixed per study and model (:mod:`pipeline.sr`), so a report the PACS already
+    Their UIDs are fixed per study and model (:mod:`pipeline.sr`, :mod:`pipeline.sc`), so an object the PACS already
     holds (same SOPInstanceUID in the same study) is not sent again: rerunning stores no duplicates.
     """
     import pydicom
 
     summary = StoreSummary()
     pending = []
-    for path in sorted(Path(sr_dir).glob("*.dcm")):
+    for path in sorted(p for folder in folders for p in Path(folder).glob("*.dcm")):
         ds = pydicom.dcmread(path)
         summary.reports += 1
         if client.has_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)):

@@ -18,22 +18,14 @@ import pytest
 import yaml
 
 from pipeline.sources import pacs
+from tests.conftest import image_files
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _originals(folder: Path) -> dict[str, bytes]:
     """SOPInstanceUID -> file bytes of every image file of a cohort."""
-    out = {}
-    for path in folder.rglob("*"):
-        if path.is_file():
-            try:
-                ds = pydicom.dcmread(path)
-            except Exception:
-                continue
-            if "PixelData" in ds:
-                out[str(ds.SOPInstanceUID)] = path.read_bytes()
-    return out
+    return {uid: path.read_bytes() for uid, path in image_files(folder).items()}
 
 
 def _pulled(folder: Path) -> dict[str, bytes]:

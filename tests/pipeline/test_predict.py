@@ -59,7 +59,8 @@ def new_studies(cohort, tmp_path_factory) -> Path:
 def predicted(new_studies, tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     model_dir = _model_dir(root)
-    summary = predict.run(predict.PredictParams(batch_size=8, device="cpu"), new_studies, root / "results",
+    summary = predict.run(predict.PredictParams(batch_size=8, device="cpu", secondary_capture=True), new_studies,
+                          root / "results",
                           model_path=model_dir / "model.pt", work_dir=root / "work", local_dir=root / "local",
                           key=TEST_KEY, ingest_params=ingest.IngestParams(workers=1))
     return root, model_dir, summary
@@ -232,13 +233,36 @@ def test_predict_reports_drift_against_the_cards_training_reference(predicted, n
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
-def test_every_structured_report_passes_dciodvfy_without_errors(predicted):
+def test_each_study_gets_a_gradcam_secondary_capture_in_its_original_study(predicted, new_studies):
+    root, _, summary = predicted
+    studies = pd.read_csv(root / "results/studies.csv")
+    back = pd.read_csv(root / "local/uids.csv")
+    original_of = back[back["level"] == "study"].set_index("pseudonymised_uid")["original_uid"]
+    score_of = studies.assign(original=studies["study_uid"].map(original_of)).set_index("original")["score"]
+    captures = sorted((root / "local/sc").glob("*.dcm"))
+    assert len(captures) == summary["counts"]["secondary_captures"] == len(studies)
+    for path in captures:
+        ds = pydicom.dcmread(path)
+        assert ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage and ds.Modality == "OT"
+        assert ds.StudyInstanceUID in score_of.index, "filed into the original study"
+        assert "not for diagnostic use" in ds.SeriesDescription and ds.BurnedInAnnotation == "YES"
+        assert ds.SeriesNumber == 9902 and ds.SeriesInstanceUID != ds.StudyInstanceUID
+        pixels = ds.pixel_array
+        assert ds.PhotometricInterpretation == "RGB" and pixels.shape[2] == 3 and min(pixels.shape[:2]) >= 512
+        # the 32 px tensor enlarged 16x (the heat map itself is tested in test_sc.py: at 32 px EfficientNet's
+        # Grad-CAM layer is 1 x 1, a flat map), the caption band below it
+        assert pixels.shape[0] > SIZE * 16 and pixels[SIZE * 16:].max() > 200 and pixels[SIZE * 16 + 2, 2].max() == 0
+
+
+def test_every_structured_report_and_capture_passes_dciodvfy_without_errors(predicted):
     import subprocess
 
     root, _, _ = predicted
-    for path in sorted((root / "local/sr").glob("*.dcm")):
+    objects = sorted((root / "local/sr").glob("*.dcm")) + sorted((root / "local/sc").glob("*.dcm"))
+    assert any(p.parent.name == "sc" for p in objects)
+    for path in objects:
         done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
         report = done.stdout + done.stderr
-        assert "Comprehensive3DSR" in report, report
+        assert ("Comprehensive3DSR" if path.parent.name == "sr" else "SC") in report, report
         errors = [line for line in report.splitlines() if line.startswith("Error")]
         assert not errors, "\n".join(errors)
