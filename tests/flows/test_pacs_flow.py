@@ -127,6 +127,19 @@ def test_predict_from_the_pacs_stores_one_sr_into_each_study_once(first_run, pro
         assert sum(s.n_instances for s in client.series(study) if s.modality == "SR") == 1, "no duplicate SR"
 
 
+def test_the_predict_flow_on_a_pacs_source_pulls_scores_and_reports_what_it_stored(first_run, project, server):
+    from prefect.client.orchestration import get_client
+
+    from flows.predict import predict_flow
+
+    summary = predict_flow(repo=str(project))
+    assert summary["pull"]["studies_retrieved"] == summary["counts"]["studies"] > 0
+    assert summary["stored"]["stored"] + summary["stored"]["already_present"] == summary["counts"]["studies"]
+    with get_client(sync_client=True) as client:
+        artifacts = [a for a in client.read_artifacts() if a.key == "predict-summary"]
+    assert any("results stored into their studies" in a.data for a in artifacts)
+
+
 def test_a_stopped_server_fails_the_flow_with_one_line_naming_it(first_run, project, server):
     from flows.retrain import retrain
 
