@@ -68,11 +68,11 @@ def main() -> None:
     params = predict.PredictParams(device="cpu")
     ingest_params = ingest.IngestParams(workers=1)  # one study: the pool would cost more than it saves
 
-    patients = sorted(p for p in (cohort / "DICOM").glob("*/*") if p.is_dir())
+    studies = sorted(p for p in (cohort / "DICOM").glob("*/*/*") if p.is_dir())  # DICOM/<site>/<patient>/<study>
     single = []
-    for i, patient in enumerate(patients[:args.studies + 1]):
+    for i, study in enumerate(studies[:args.studies + 1]):
         case = work / f"case{i:03d}"
-        shutil.copytree(patient, case / "in" / patient.name)
+        shutil.copytree(study, case / "in" / study.name)
         start = time.perf_counter()
         summary = predict.run(params, case / "in", case / "out", model_path=model_path, work_dir=case / "work",
                               local_dir=case / "local", key=KEY, ingest_params=ingest_params)

@@ -19,6 +19,8 @@ locally; the report is marked incomplete-verified-false (preliminary): a reader 
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Sequence
 
 from pydicom import Dataset
@@ -26,6 +28,10 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 CODING_SCHEME = "99MEDTL"  # private coding scheme of medtl's own concepts
+# highdicom logs at INFO which dataset it copies patient and study attributes from, by its original
+# SOP Instance UID (PHI-adjacent: it identifies the patient's study): never into medtl's logs
+logging.getLogger("highdicom").setLevel(logging.WARNING)
+
 DISCLAIMER = "medtl model output - not for diagnostic use unless validated"  # LO: at most 64 characters
 SERIES_NUMBER = 9901
 

@@ -48,3 +48,21 @@ def test_the_capture_is_a_valid_sc_in_the_original_study_with_stable_uids():
     assert "not for diagnostic use" in first.SeriesDescription
     with pytest.raises(AttributeError):
         first.PixelSpacing  # noqa: B018 - no physical spacing is claimed for a rendered overlay
+
+
+def test_making_the_dicom_results_logs_no_original_identifier(caplog):
+    """highdicom logs the SOP Instance UID it copies the patient and study from (at INFO): not into ours."""
+    import logging
+
+    from pipeline import sr
+
+    caplog.set_level(logging.DEBUG)
+    header = _header()
+    sc.gradcam_capture(header, np.full((3, 32, 32), 0.5, np.float32), np.eye(32, dtype=np.float32), score=0.8,
+                       threshold=0.5, positive_class="lesion", model_name="medtl", model_version="3",
+                       model_sha256="a" * 64)
+    header.Rows, header.Columns = 32, 32
+    sr.study_report([header], score=0.8, threshold=0.5, positive_class="lesion", model_name="medtl", model_version="3",
+                    model_sha256="a" * 64, aggregation="max")
+    for value in (header.SOPInstanceUID, header.StudyInstanceUID, header.PatientID, "DOE"):
+        assert value not in caplog.text
