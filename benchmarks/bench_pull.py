@@ -65,7 +65,8 @@ def main() -> None:
                 times[what].append(time.perf_counter() - start)
                 assert n == stored, (what, n, stored)
         before = {p for p in (cohort / "DICOM").rglob("*") if p.is_file()}
-        added_patients = max(1, round(args.patients * 0.05))
+        studies_before = len(client.studies())
+        added_patients = max(1, round(args.patients * 0.05 * 0.98))  # ~1.8 studies per patient: ~+5 % studies
         synth.add(cohort, added_patients)
         new = work / "new"
         for path in (cohort / "DICOM").rglob("*"):
@@ -87,7 +88,8 @@ def main() -> None:
         "bare_s": [round(t, 3) for t in times["bare"]], "pull_s": [round(t, 3) for t in times["pull"]],
         "bare_instances_per_s": round(stored / best_bare, 1), "pull_instances_per_s": round(stored / best_pull, 1),
         "ratio_pull_to_bare": round(best_bare / best_pull, 3),
-        "incremental": {"patients_added": added_patients, "studies_new": inc.studies_new, "instances": added,
+        "incremental": {"patients_added": added_patients, "studies_new": inc.studies_new,
+                        "share_of_studies": round(inc.studies_new / studies_before, 3), "instances": added,
                         "share_of_instances": round(added / stored, 3), "seconds": round(inc_s, 3),
                         "share_of_full_pull": round(inc_s / best_pull, 3)},
     }
@@ -96,8 +98,8 @@ def main() -> None:
     i = results["incremental"]
     print(f"\n| measure | value |\n|---|---|\n| bare dicomweb-client retrieval | {results['bare_instances_per_s']} instances/s |"
           f"\n| medtl pull | {results['pull_instances_per_s']} instances/s = **{results['ratio_pull_to_bare']}** of bare |"
-          f"\n| incremental pull after +{i['patients_added']} patients ({i['instances']} instances, "
-          f"{100 * i['share_of_instances']:.1f} %) | {i['seconds']} s = **{100 * i['share_of_full_pull']:.1f} %** of a full pull |")
+          f"\n| incremental pull after +{i['studies_new']} studies ({100 * i['share_of_studies']:.1f} %; "
+          f"{i['instances']} instances, {100 * i['share_of_instances']:.1f} %) | {i['seconds']} s = **{100 * i['share_of_full_pull']:.1f} %** of a full pull |")
     shutil.rmtree(work)
 
 
