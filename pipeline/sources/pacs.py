@@ -52,6 +52,7 @@ PROTOCOLS = ("dicomweb", "dimse")
 UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 CURSOR_VERSION = 1
 QIDO_PAGE = 1000
+CHECKPOINT_S = 5.0  # seconds between cursor saves during a pull (and at its end)
 ENV = {"username": "MEDTL_PACS_USERNAME", "password": "MEDTL_PACS_PASSWORD", "token": "MEDTL_PACS_TOKEN",
        "ca_bundle": "MEDTL_PACS_CA_BUNDLE", "tls_verify": "MEDTL_PACS_TLS_VERIFY"}
 
@@ -208,6 +209,8 @@ class DicomwebClient:
         elif creds.username:
             session.auth = (creds.username, creds.password)
         session.verify = creds.ca_bundle or creds.tls_verify
+        self._warning = ""
+        session.hooks["response"].append(self._remember_warning)
         self.session = session
         self.client = DICOMwebClient(params.url.rstrip("/"), session=session, timeout=params.timeout_s)
 
@@ -219,7 +222,11 @@ class DicomwebClient:
 
     def _search(self, what: str, fn: Callable, *args, **kwargs) -> list[dict]:
         return search_all(lambda offset: self._call(what, fn, *args, limit=QIDO_PAGE, offset=offset, **kwargs),
-                          self.where, what)
+                          self.where, what, capped=lambda: self._warning.startswith("299"))
+
+    def _remember_warning(self, response, *args, **kwargs) -> None:
+        """requests response hook: the last response's Warning header (QIDO-RS says 299 when it cut matches)."""
+        self._warning = response.headers.get("Warning", "")
 
     def studies(self) -> list[Study]:
         filters = {}
@@ -275,24 +282,26 @@ class DicomwebClient:
         return bool(found)
 
 
-def search_all(page: Callable[[int], list[dict]], where: str = "", what: str = "") -> list[dict]:
+def search_all(page: Callable[[int], list[dict]], where: str = "", what: str = "",
+               capped: Callable[[], bool] = lambda: False) -> list[dict]:
     """Every match of a QIDO-RS query, page by page (``page(offset)`` asks for QIDO_PAGE from ``offset``).
 
-    Paging goes on while a page brings matches not seen before: a server may answer fewer than asked
-    per page (its own cap) and still hold more. dicomweb-client's ``get_remaining`` is not used: it never
-    returns against Orthanc 1.10. Orthanc also applies ``limit`` before ``offset`` when the query has
-    filters, so a filtered query stops at QIDO_PAGE matches; when the matches end exactly at a page
-    boundary that may be such a cap, and it is logged (narrow ``pacs.days_back``).
+    A page of fewer than QIDO_PAGE matches is the last (PS3.18 8.3.4.4), unless ``capped()`` says the
+    server cut it to its own maximum (its ``Warning: 299`` header): then paging goes on while pages bring
+    matches not seen before. dicomweb-client's ``get_remaining`` is not used: it never returns against
+    Orthanc 1.10. Orthanc also applies ``limit`` before ``offset`` when the query has filters, so a
+    filtered query stops at QIDO_PAGE matches; matches ending exactly at a page boundary may be such a cap,
+    and that is logged (narrow ``pacs.days_back``).
     """
     found: list[dict] = []
     seen: set = set()
     while True:
         batch = page(len(found)) or []
         new = [item for item in batch if json.dumps(item, sort_keys=True) not in seen]
-        if not new:
-            break
         seen.update(json.dumps(item, sort_keys=True) for item in new)
         found.extend(new)
+        if not new or (len(batch) < QIDO_PAGE and not capped()):
+            break
     if found and len(found) % QIDO_PAGE == 0:
         log.warning("pacs %s: %s returned exactly %d matches and no more; the server may cap its answers: "
                     "narrow pacs.days_back or the date window", where, what, len(found))
@@ -405,6 +414,7 @@ def pull(source: str, params: PacsParams, out_dir: Path, cursor_path: Path, *, c
 
     studies = client.studies()
     summary.studies_queried = len(studies)
+    saved = time.monotonic()
     for n, study in enumerate(studies, 1):
         if not UID.match(study.uid) or len(study.uid) > 64:
             summary.studies_failed += 1
@@ -427,13 +437,16 @@ def pull(source: str, params: PacsParams, out_dir: Path, cursor_path: Path, *, c
             summary.failures[reason] = summary.failures.get(reason, 0) + 1
             log.warning("pull: study %d of %d failed: %s", n, len(studies), _without_uids(str(exc)))
             known[study.uid] = entry  # series completed before the failure stay recorded
-            _save_cursor(cursor_path, cursor)
             continue
         if got:
             summary.studies_retrieved += 1
         entry["n_instances"] = study.n_instances
         known[study.uid] = entry
-        _save_cursor(cursor_path, cursor)  # after every study: a killed run keeps what it finished
+        if time.monotonic() - saved >= CHECKPOINT_S:
+            # every few seconds, not after each study (rewriting a growing cursor each time is quadratic): a killed
+            # run re-checks at most these seconds' studies, whose files are on disk and not fetched again
+            _save_cursor(cursor_path, cursor)
+            saved = time.monotonic()
     _save_cursor(cursor_path, cursor)
     summary.seconds = time.perf_counter() - start
     if summary_path is not None:

@@ -287,7 +287,10 @@ def test_qido_paging_follows_a_server_cap_and_flags_an_orthanc_like_limit(caplog
     monkeypatch.setattr(pacs, "QIDO_PAGE", 10)
     matches = [{"0020000D": {"Value": [f"1.2.{i}"]}} for i in range(25)]
     capped = lambda offset: matches[offset:offset + 4]  # noqa: E731 - a server that answers 4 per page at most
-    assert pacs.search_all(capped) == matches
+    assert pacs.search_all(capped, capped=lambda: True) == matches, "a server that says it cut its answer"
+    asked = []
+    plain = lambda offset: asked.append(offset) or matches[offset:offset + 10]  # noqa: E731
+    assert pacs.search_all(plain) == matches and asked == [0, 10, 20], "a short page is the last: no extra query"
     limit_first = lambda offset: matches[:10][offset:offset + 10]  # noqa: E731 - limit applied before offset
     assert pacs.search_all(limit_first, "srv", "QIDO-RS studies") == matches[:10]
     assert "may cap its answers" in caplog.text
