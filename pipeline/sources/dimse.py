@@ -39,6 +39,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind as FIND,
+)
+from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet as GET,
 )
 

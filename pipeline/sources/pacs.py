@@ -316,7 +316,8 @@ def _raw_decoder(client) -> Callable | None:
 def _network_error(where: str, what: str, exc: Exception) -> PacsError:
     """One line: which server, which operation, what status (never a credential or a UID)."""
     from requests import HTTPError
-    from requests.exceptions import ConnectionError as RequestsConnectionError, SSLError, Timeout
+    from requests.exceptions import ConnectionError as RequestsConnectionError
+    from requests.exceptions import SSLError, Timeout
 
     if isinstance(exc, HTTPError) and exc.response is not None:
         status = exc.response.status_code

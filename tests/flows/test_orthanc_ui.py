@@ -4,7 +4,6 @@ lists the SR series beside the images (screenshot in ``$MEDTL_TEST_OUTPUT/orthan
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from pathlib import Path
