@@ -78,6 +78,16 @@ class Keep:
     option: str  # the CID 7050 option code that allows keeping it, where the profile alone would not
     reason: str
 
+    @functools.cached_property
+    def vr(self) -> str:
+        """The data dictionary's VR (``"US or SS"`` for an ambiguous one)."""
+        return _dictionary_vr(self.tag)
+
+    @functools.cached_property
+    def vrs(self) -> frozenset[str]:
+        """The VRs a stored element of this attribute may have (the dictionary's, one by one)."""
+        return frozenset(self.vr.split(" or ")) | {self.vr}
+
 
 def load_keep(path: Path = KEEP_FILE) -> dict[int, Keep]:
     """The keep-list by tag; raises ValueError on an unknown keyword or action (a bug in the list)."""
@@ -211,6 +221,7 @@ def _mentions(value: object, tokens: frozenset[str]) -> bool:
     return any(token in text for token in tokens)
 
 
+@functools.lru_cache(maxsize=4096)
 def _dictionary_vr(tag: int) -> str:
     try:
         return dictionary_VR(tag)
@@ -289,9 +300,33 @@ _NATIVE_PIXELS = {Tag(tag_for_keyword("PixelData")): None, Tag(tag_for_keyword("
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
+def peek(ds: Dataset, keyword: str, default: object = None) -> object:
+    """``ds.get(keyword, default)`` without converting the element in place.
+
+    pydicom's ``get`` replaces a raw element by its decoded value in the dataset; a rebuilt copy of
+    such an element can no longer be written as the bytes it was read as (:func:`encode`'s fast path),
+    so what ingest reads before the rebuild goes through here. Raises what pydicom's conversion raises.
+    """
+    tag = _keyword_tag(keyword)
+    if tag is None or tag not in ds:
+        return default
+    elem = ds.get_item(tag)
+    if elem is None:
+        return default
+    if elem.is_raw:
+        elem = convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
+    return elem.value
+
+
+@functools.lru_cache(maxsize=512)
+def _keyword_tag(keyword: str) -> Tag | None:
+    tag = tag_for_keyword(keyword)
+    return None if tag is None else Tag(tag)
+
+
 def _header_int(source: Dataset, keyword: str, default: int) -> int:
     try:
-        value = source.get(keyword, default)
+        value = peek(source, keyword, default)
         return int(value) if value not in (None, "") else default
     except (TypeError, ValueError):
         return default
@@ -350,13 +385,14 @@ class _Rebuild:
 
     def dataset(self, source: Dataset) -> Dataset:
         out = Dataset()
+        charset = source._character_set  # once per dataset: pydicom works it out again on every call
         for tag in source.keys():
             if tag.group == 0x0002:
                 continue  # file meta is rebuilt by deidentify
             rule = KEEP.get(tag)
             if rule is None or tag.is_private:
                 continue
-            elem = self.element(source, tag, rule)
+            elem = self.element(source, tag, rule, charset)
             if elem is not None:
                 out[tag] = elem
         photometric = str(out[_PHOTOMETRIC].value).strip() if _PHOTOMETRIC in out else ""
@@ -365,10 +401,11 @@ class _Rebuild:
                 out.pop(tag, None)
         return out
 
-    def element(self, source: Dataset, tag: Tag, rule: Keep) -> DataElement | RawDataElement | None:
+    def element(self, source: Dataset, tag: Tag, rule: Keep,
+                charset: str | list[str]) -> DataElement | RawDataElement | None:
         """The output element for ``tag``: kept values stay raw (their bytes are written as read)."""
         action = rule.action
-        expected = _dictionary_vr(tag)
+        expected = rule.vr
         if action == "pseudonym":
             return DataElement(tag, expected, self.patient_key)
         if action == "empty":
@@ -376,7 +413,7 @@ class _Rebuild:
         raw = source.get_item(tag)
         if raw is None:
             return None
-        if raw.VR is not None and raw.VR != expected and raw.VR not in expected.split(" or ") and raw.VR != "UN":
+        if raw.VR is not None and raw.VR not in rule.vrs and raw.VR != "UN":
             return None  # stored under another VR: whatever it holds, it is not this attribute's value
         if action == "bulk":
             if tag in _PALETTE or tag == _LUT_DATA:  # tables, not pixels: text hidden in them is dropped
@@ -390,9 +427,9 @@ class _Rebuild:
                 return None
             return DataElement(tag, "SQ", Sequence([self.dataset(item) for item in (elem.value or [])]))
         if raw.is_raw and raw.VR != "UN" and action == "keep":
-            return self.checked_raw(raw, raw.VR or expected, source)
-        elem = convert_raw_data_element(raw, encoding=source._character_set, ds=source) if raw.is_raw else raw
-        if elem.VR != expected and elem.VR not in expected.split(" or "):
+            return self.checked_raw(raw, raw.VR or expected, charset)
+        elem = convert_raw_data_element(raw, encoding=charset, ds=source) if raw.is_raw else raw
+        if elem.VR not in rule.vrs:
             return None
         value = elem.value
         if value is None or value == "":
@@ -413,7 +450,8 @@ class _Rebuild:
             return raw  # valid and clean: its bytes as read (no re-encoding)
         return checked
 
-    def checked_raw(self, raw: RawDataElement, vr: str, source: Dataset) -> RawDataElement | DataElement | None:
+    def checked_raw(self, raw: RawDataElement, vr: str,
+                    charset: str | list[str]) -> RawDataElement | DataElement | None:
         """``keep`` on the bytes as read: the same rules as :meth:`checked` without decoding into objects
         (what most of the rebuild's time went to); the raw element is then written as read."""
         value = raw.value
@@ -431,7 +469,7 @@ class _Rebuild:
             return None
         if vr in _TEXT_VRS:
             try:
-                text = decode_bytes(value, _encodings(source), set())
+                text = decode_bytes(value, [charset] if isinstance(charset, str) else list(charset), set())
             except Exception:  # noqa: BLE001 - not text in the declared character set
                 return None
         else:
@@ -478,16 +516,21 @@ class _Rebuild:
 
 
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+#: VRs of the values the rebuild creates (UIDs, dates, pseudonyms, empties, ages, method text), which
+#: :func:`encode`'s fast path packs itself when the value is one ASCII string
+_SIMPLE_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "LO", "LT", "PN", "SH", "ST", "UI"})
+_META_UIDS = (0x00020002, 0x00020003, 0x00020010)  # the rebuilt file meta's elements (see deidentify)
 
 
 def encode(ds: Dataset, *, fast: bool = True) -> bytes:
     """The file bytes of a rebuilt dataset: zero preamble, ``DICM``, file meta, then each element.
 
     Elements are written one by one, so kept raw elements go out as the bytes they were read as
-    (pydicom's dataset writer would decode and re-encode each of them). ``fast``: a raw little-endian
-    element of defined, even length gets its 8- or 12-byte header packed here, exactly as pydicom's
-    ``write_data_element`` writes it (tests compare the two); everything else goes through pydicom's
-    element writer. A deflated transfer syntax goes through pydicom's ``dcmwrite``.
+    (pydicom's dataset writer would decode and re-encode each of them). ``fast``: for little-endian
+    syntaxes, a raw element of defined, even length gets its 8- or 12-byte header packed here, and so
+    do the one-ASCII-string values the rebuild creates and the file meta, exactly as pydicom's
+    ``write_file_meta_info`` and ``write_data_element`` write them (tests compare the two); everything
+    else goes through pydicom's writers. A deflated transfer syntax goes through pydicom's ``dcmwrite``.
     """
     syntax = pydicom.uid.UID(ds.file_meta.TransferSyntaxUID)
     if syntax.is_deflated:
@@ -496,40 +539,96 @@ def encode(ds: Dataset, *, fast: bool = True) -> bytes:
         return buffer.getvalue()
     fp = DicomBytesIO()
     fp.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+    meta = _meta_bytes(ds.file_meta) if fast else None
+    if meta is None:
+        write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+    else:
+        fp.write(meta)
     implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
     fp.is_implicit_VR, fp.is_little_endian = implicit, little
     encodings = ds._character_set
-    chunks = []
+    chunks: list[bytes] = []
     for tag in sorted(ds.keys()):
         elem = ds.get_item(tag)
-        header = _raw_header(elem, implicit) if fast and little else None
-        if header is None:
+        packed = _packed(elem, implicit) if fast and little else None
+        if packed is None:
             if chunks:
                 fp.write(b"".join(chunks))
                 chunks = []
             write_data_element(fp, elem, encodings)
         else:
-            chunks += (header, elem.value)
+            chunks += packed
     fp.write(b"".join(chunks))
     return fp.getvalue()
 
 
+def _packed(elem, implicit: bool) -> tuple[bytes, bytes] | None:
+    """(header, value) of an element the fast path writes itself (little endian); None: pydicom writes it."""
+    if getattr(elem, "is_raw", False):
+        header = _raw_header(elem, implicit)
+        return None if header is None else (header, elem.value)
+    value = _simple_value(elem)
+    if value is None:
+        return None
+    return _header(elem.tag, None if implicit else elem.VR, len(value)), value
+
+
 def _raw_header(elem, implicit: bool) -> bytes | None:
     """Little-endian element header of a raw element of defined, even length; None: let pydicom write it."""
-    if not getattr(elem, "is_raw", False) or elem.length == 0xFFFFFFFF or not isinstance(elem.value, bytes):
+    if elem.length == 0xFFFFFFFF or not isinstance(elem.value, bytes):
         return None
     length, vr = len(elem.value), elem.VR
     if length % 2 or (vr is None) != implicit or vr == "SQ":
         return None
-    tag = struct.pack("<HH", elem.tag >> 16, elem.tag & 0xFFFF)
-    if implicit:
-        return tag + struct.pack("<I", length)
+    return _header(elem.tag, vr, length)
+
+
+def _header(tag: int, vr: str | None, length: int) -> bytes | None:
+    """Little-endian header: implicit (``vr`` None), or explicit with a 2- or 4-byte length by VR."""
+    packed_tag = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if vr is None:
+        return packed_tag + struct.pack("<I", length)
     if vr in _LONG_VRS:
-        return tag + vr.encode("ascii") + b"\x00\x00" + struct.pack("<I", length)
+        return packed_tag + vr.encode("ascii") + b"\x00\x00" + struct.pack("<I", length)
     if length > 0xFFFF:
         return None
-    return tag + vr.encode("ascii") + struct.pack("<H", length)
+    return packed_tag + vr.encode("ascii") + struct.pack("<H", length)
+
+
+def _simple_value(elem: DataElement) -> bytes | None:
+    """The value bytes of a one-ASCII-string element of a text VR (padded to even length as pydicom
+    pads: UI with NUL, the rest with a space); None for anything else."""
+    vr, value = elem.VR, elem.value
+    if value is None or value == "":
+        return b"" if vr and len(vr) == 2 and vr != "SQ" else None  # present and empty: length 0
+    if vr not in _SIMPLE_TEXT_VRS:
+        return None
+    if isinstance(value, pydicom.valuerep.PersonName):
+        value = str(value)
+    if not isinstance(value, str) or not value.isascii() or "\\" in value:
+        return None
+    data = value.encode("ascii")
+    return data + (b"\x00" if vr == "UI" else b" ") if len(data) % 2 else data
+
+
+def _meta_bytes(meta: FileMetaDataset) -> bytes | None:
+    """The file meta group as ``write_file_meta_info(enforce_standard=True)`` writes the rebuilt meta
+    (its three UIDs, plus the version, implementation UID and name pydicom adds); None: anything else
+    (then pydicom writes it, or raises for what is missing)."""
+    if sorted(meta.keys()) != list(_META_UIDS):
+        return None
+    parts = [_header(0x00020001, "OB", 2) + b"\x00\x01"]
+    for tag in _META_UIDS:
+        value = _simple_value(meta.get_item(tag)) if meta.get_item(tag).VR == "UI" else None
+        if not value:
+            return None
+        parts.append(_header(tag, "UI", len(value)) + value)
+    for tag, vr, text in ((0x00020012, "UI", pydicom.uid.PYDICOM_IMPLEMENTATION_UID),
+                          (0x00020013, "SH", f"PYDICOM {'.'.join(pydicom.__version_info__)}")):
+        value = _simple_value(DataElement(tag, vr, text))
+        parts.append(_header(tag, vr, len(value)) + value)
+    body = b"".join(parts)
+    return _header(0x00020000, "UL", 4) + struct.pack("<I", len(body)) + body
 
 
 def _shift_date(value: str, shift: dt.timedelta) -> str | None:

@@ -11,6 +11,35 @@ import numpy as np
 import pandas as pd
 import pytest
 
+
+def pytest_configure(config):
+    """Refuse, before any worker starts, the pytest/pytest-xdist pair known to ignore ``xdist_group``."""
+    if config.getoption("dist", "no") != "loadgroup" or hasattr(config, "workerinput"):
+        return
+    from importlib.metadata import version
+
+    xdist = tuple(int(p) for p in version("pytest-xdist").split(".")[:3] if p.isdigit())
+    if pytest.version_tuple[:2] >= (9, 2) and xdist <= (3, 8, 0):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} with pytest-xdist {version('pytest-xdist')} ignores xdist_group "
+            "(--dist loadgroup): every grouped flow test module would run its fixtures once per worker. "
+            "Install the dev extra's versions: scripts/setup.sh dev")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """With ``--dist loadgroup`` (the README's test command), xdist tags each grouped test's node id with
+    its group; a pytest it cannot tag (9.2) would silently spread a group over the workers, each running
+    the group's module-scoped flows again. Stop with the cause rather than run twice as long."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    untagged = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if untagged:
+        raise pytest.UsageError(
+            f"pytest-xdist's loadgroup did not tag {len(untagged)} grouped tests (e.g. {untagged[0]}) under "
+            f"pytest {pytest.__version__}: install the versions pyproject.toml's dev extra names (scripts/setup.sh dev)")
+
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

@@ -303,6 +303,34 @@ def test_a_different_key_gives_different_pseudonyms_and_rebuilds(cohort, ingeste
     assert len(a) == len(b) and not a & b
 
 
+def test_a_rerun_skips_the_slow_key_check_only_for_the_key_that_passed_it(cohort, ingested, tmp_path, monkeypatch):
+    """The local stat index remembers that this key passed the cache's scrypt check (an HMAC token):
+    a rerun under that key skips scrypt; another key, or a forged token, runs it and is refused."""
+    done, _ = ingested
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    real_check, calls = ingest.keys.key_check, []
+    monkeypatch.setattr(ingest.keys, "key_check", lambda *a: calls.append(1) or real_check(*a))
+    rerun = ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", out, key=TEST_KEY)
+    assert rerun.run["new_files"] == 0 and calls == [], "the same key ran the slow check again"
+
+    index = json.loads((out / ingest.STAT_INDEX_NAME).read_text())
+    assert index["verified"] != ingest.keys.key_check(TEST_KEY, ingest.CACHE_SALT), "the token is not the check itself"
+    calls.clear()
+    other = b"another-key-another-key-yy"
+    moved = ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", out, key=other)
+    assert calls, "another key must be checked the slow way"
+    assert moved.run["new_files"] == moved.files_seen, "a cache made under another key was used"
+
+    # a token copied from elsewhere (or edited) does not vouch for a cache it was not made for
+    index = json.loads((out / ingest.STAT_INDEX_NAME).read_text())
+    index["verified"] = "0" * 64
+    (out / ingest.STAT_INDEX_NAME).write_text(json.dumps(index))
+    calls.clear()
+    again = ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", out, key=other)
+    assert calls and again.run["new_files"] == 0, "a wrong token must fall back to the slow check, which passes"
+
+
 def test_real_data_without_a_key_stops_with_a_clear_error(tmp_path, monkeypatch, capsys):
     for var in (keys.ENV_KEY, keys.ENV_KEY_FILE):
         monkeypatch.delenv(var, raising=False)
