@@ -32,7 +32,9 @@ single-frame slices — with ``paths`` (relative to OUT) ordered by slice positi
 from __future__ import annotations
 
 import csv
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import hmac
 import io
@@ -42,7 +44,7 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -468,6 +470,23 @@ def _rewrite_output(task: tuple[str, str]) -> str:
 # the record cache
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while bulk, acyclic records are built (cache load, assemble).
+
+    Each of its passes traverses every object made so far, so building thousands of records with it on
+    costs more than the building (a 5,000-record cache load: ~100 ms without it, 110-300 ms with it,
+    measured on the 2-core build machine). It resumes, as it was, afterwards.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class RecordCache:
     """Append-only JSON-lines cache of FileRecords keyed by content hash.
 
@@ -514,6 +533,11 @@ class RecordCache:
                 or not (verified is not None and hmac.compare_digest(key_verified(secret, header), verified)
                         or keys.key_matches(secret, header.get("salt"), header.get("key_check"))):
             return None
+        with _gc_paused():
+            self._parse(lines)
+        return header
+
+    def _parse(self, lines: list[str]) -> None:
         try:  # all lines at once (one C loop); a line cut by a kill makes it fall back to line by line
             values = json.loads("[" + ",".join(lines[1:]) + "]")
         except json.JSONDecodeError:
@@ -531,7 +555,6 @@ class RecordCache:
             rec.__dict__.update(value)
             self.records[rec.content_hash] = rec
             self._lines[rec.content_hash] = line
-        return header
 
     def append(self, record: FileRecord) -> None:
         if self._fh is None:
@@ -1052,7 +1075,8 @@ def run(
                 for e in entries if e.signature and results[e.id].content_hash}, key_verified(secret, cache.header))
 
     # phase 2: assemble units
-    units, rejected = _assemble(scanned, labels, params, file_id=file_ids.__getitem__)
+    with _gc_paused():
+        units, rejected = _assemble(scanned, labels, params, file_id=file_ids.__getitem__)
 
     # phase 3: outputs
     wanted = {r.output: p for u in units for p, r in u.files}
@@ -1063,7 +1087,8 @@ def run(
     _remove_unwanted(out_dir, existing, set(wanted))
     cache.compact({r.content_hash for _, r in scanned})
 
-    manifest = _manifest(units)
+    with _gc_paused():
+        manifest = _manifest(units)
     buffer = io.BytesIO()
     manifest.to_parquet(buffer, index=False)
     atomic_write_bytes(out_dir / "manifest.parquet", buffer.getvalue())
@@ -1097,7 +1122,7 @@ def run(
         by_modality=dict(sorted(Counter(u.files[0][1].modality for u in units).items())),
         by_site=dict(sorted(Counter(u.files[0][1].site for u in units).items())),
         by_label=dict(sorted(Counter(u.label for u in units).items())),
-        by_transfer_syntax=dict(sorted(Counter(UID(r.transfer_syntax).name for u in units for _, r in u.files).items())),
+        by_transfer_syntax=_syntax_names(Counter(r.transfer_syntax for u in units for _, r in u.files)),
         label_key=labels.key,
         run={"runner": fanout.runner, "workers": workers, "new_files": n_new, "cached_files": len(entries) - n_new,
              "rewritten_files": len(missing), "seconds": round(time.perf_counter() - started, 2)},
@@ -1119,6 +1144,14 @@ def run(
         summary.rejected, n_new, summary.run["seconds"],
     )
     return summary
+
+
+def _syntax_names(counts: Counter) -> dict[str, int]:
+    """Files per transfer syntax, by name (UID objects made once per syntax, not once per file)."""
+    named: Counter = Counter()
+    for uid, n in counts.items():
+        named[UID(uid).name] += n
+    return dict(sorted(named.items()))
 
 
 def _existing_outputs(out_dir: Path) -> tuple[set[str], int]:
