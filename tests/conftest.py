@@ -33,9 +33,6 @@ def pytest_collection_modifyitems(config, items):
     the group's module-scoped flows again. Stop with the cause rather than run twice as long."""
     if not getattr(config.option, "loadgroup", False):
         return
-    # the longest test first among the ungrouped ones (xdist queues the biggest group, then tests in this
-    # order): collected last, it started when the rest was nearly done and ended the run alone
-    items[:] = sorted(items, key=lambda item: item.get_closest_marker("longest") is None)
     untagged = [i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
     if untagged:
         raise pytest.UsageError(

@@ -18,7 +18,6 @@ from tests.test_dvc_pipeline import _dvc, scratch_project
 
 
 @pytest.mark.slow
-@pytest.mark.longest
 def test_default_config_learns_the_synthetic_task(tmp_path):
     scratch_project(tmp_path, shrink=False)
 
