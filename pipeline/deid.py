@@ -385,14 +385,14 @@ class _Rebuild:
 
     def dataset(self, source: Dataset) -> Dataset:
         out = Dataset()
-        charset = source._character_set  # once per dataset: pydicom works it out again on every call
+        encodings = _encodings(source)  # once per dataset: pydicom works it out again on every call
         for tag in source.keys():
             if tag.group == 0x0002:
                 continue  # file meta is rebuilt by deidentify
             rule = KEEP.get(tag)
             if rule is None or tag.is_private:
                 continue
-            elem = self.element(source, tag, rule, charset)
+            elem = self.element(source, tag, rule, encodings)
             if elem is not None:
                 out[tag] = elem
         photometric = str(out[_PHOTOMETRIC].value).strip() if _PHOTOMETRIC in out else ""
@@ -402,7 +402,7 @@ class _Rebuild:
         return out
 
     def element(self, source: Dataset, tag: Tag, rule: Keep,
-                charset: str | list[str]) -> DataElement | RawDataElement | None:
+                encodings: list[str]) -> DataElement | RawDataElement | None:
         """The output element for ``tag``: kept values stay raw (their bytes are written as read)."""
         action = rule.action
         expected = rule.vr
@@ -427,8 +427,8 @@ class _Rebuild:
                 return None
             return DataElement(tag, "SQ", Sequence([self.dataset(item) for item in (elem.value or [])]))
         if raw.is_raw and raw.VR != "UN" and action == "keep":
-            return self.checked_raw(raw, raw.VR or expected, charset)
-        elem = convert_raw_data_element(raw, encoding=charset, ds=source) if raw.is_raw else raw
+            return self.checked_raw(raw, raw.VR or expected, encodings)
+        elem = convert_raw_data_element(raw, encoding=encodings, ds=source) if raw.is_raw else raw
         if elem.VR not in rule.vrs:
             return None
         value = elem.value
@@ -451,7 +451,7 @@ class _Rebuild:
         return checked
 
     def checked_raw(self, raw: RawDataElement, vr: str,
-                    charset: str | list[str]) -> RawDataElement | DataElement | None:
+                    encodings: list[str]) -> RawDataElement | DataElement | None:
         """``keep`` on the bytes as read: the same rules as :meth:`checked` without decoding into objects
         (what most of the rebuild's time went to); the raw element is then written as read."""
         value = raw.value
@@ -469,7 +469,7 @@ class _Rebuild:
             return None
         if vr in _TEXT_VRS:
             try:
-                text = decode_bytes(value, [charset] if isinstance(charset, str) else list(charset), set())
+                text = decode_bytes(value, encodings, set())
             except Exception:  # noqa: BLE001 - not text in the declared character set
                 return None
         else:
@@ -617,18 +617,28 @@ def _meta_bytes(meta: FileMetaDataset) -> bytes | None:
     (then pydicom writes it, or raises for what is missing)."""
     if sorted(meta.keys()) != list(_META_UIDS):
         return None
-    parts = [_header(0x00020001, "OB", 2) + b"\x00\x01"]
+    parts = [_META_VERSION]
     for tag in _META_UIDS:
-        value = _simple_value(meta.get_item(tag)) if meta.get_item(tag).VR == "UI" else None
+        elem = meta.get_item(tag)
+        value = _simple_value(elem) if elem.VR == "UI" else None
         if not value:
             return None
         parts.append(_header(tag, "UI", len(value)) + value)
-    for tag, vr, text in ((0x00020012, "UI", pydicom.uid.PYDICOM_IMPLEMENTATION_UID),
-                          (0x00020013, "SH", f"PYDICOM {'.'.join(pydicom.__version_info__)}")):
-        value = _simple_value(DataElement(tag, vr, text))
-        parts.append(_header(tag, vr, len(value)) + value)
+    parts.append(_META_IMPLEMENTATION)
     body = b"".join(parts)
     return _header(0x00020000, "UL", 4) + struct.pack("<I", len(body)) + body
+
+
+def _packed_text(tag: int, vr: str, text: str) -> bytes:
+    value = _simple_value(DataElement(tag, vr, text))
+    return _header(tag, vr, len(value)) + value
+
+
+#: the file meta elements that are the same in every file: the version, and the implementation UID and
+#: name pydicom's writer adds
+_META_VERSION = _header(0x00020001, "OB", 2) + b"\x00\x01"
+_META_IMPLEMENTATION = (_packed_text(0x00020012, "UI", pydicom.uid.PYDICOM_IMPLEMENTATION_UID)
+                        + _packed_text(0x00020013, "SH", f"PYDICOM {'.'.join(pydicom.__version_info__)}"))
 
 
 def _shift_date(value: str, shift: dt.timedelta) -> str | None:
