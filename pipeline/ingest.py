@@ -502,9 +502,12 @@ class RecordCache:
 
     def __init__(self, path: Path, secret: bytes, verified: str | None = None):
         self.path = path
-        self.records: dict[str, FileRecord] = {}
         self._n_lines = -1
-        self._lines: dict[str, str] = {}  # content hash -> its JSON line (compact rewrites them as they are)
+        # content hash -> its JSON line, as written (compact rewrites them as they are); a line is parsed
+        # into a FileRecord only when a run needs that record (:meth:`get_many`): a rerun that reuses the
+        # last assembly needs the records of the changed series only
+        self._lines: dict[str, str] = {}
+        self._records: dict[str, FileRecord] = {}  # the lines parsed so far, and the records appended
         self.header = self._load(secret, verified)
         self.valid = self.header is not None
         if self.header is None:
@@ -512,17 +515,19 @@ class RecordCache:
                            "key_check": keys.key_check(secret, CACHE_SALT)}
         self._fh = None
         # whether the file holds exactly one good line per record (then compact may leave it as it is)
-        self._clean = self.valid and self._n_lines == len(self.records)
+        self._clean = self.valid and self._n_lines == len(self._lines)
 
     def _load(self, secret: bytes, verified: str | None) -> dict | None:
-        """The header of a usable cache (its records loaded), or None: absent, other key or version.
+        """The header of a usable cache (its lines indexed), or None: absent, other key or version.
 
         ``verified``: the local stat index's :func:`key_verified` token; when it is this key's token for
         this header's key check, an earlier run of this key ran the slow check on it: it is not rerun.
         """
         if not self.path.exists():
             return None
-        lines = self.path.read_text(errors="replace").splitlines()
+        lines = self.path.read_text(errors="replace").split("\n")
+        if lines and not lines[-1]:
+            lines.pop()
         self._n_lines = len(lines) - 1
         try:
             header = json.loads(lines[0]) if lines else {}
@@ -533,28 +538,53 @@ class RecordCache:
                 or not (verified is not None and hmac.compare_digest(key_verified(secret, header), verified)
                         or keys.key_matches(secret, header.get("salt"), header.get("key_check"))):
             return None
-        with _gc_paused():
-            self._parse(lines)
+        start = len(_LINE_PREFIX)
+        for line in lines[1:]:  # a record line starts with its content hash (the dataclass's first field)
+            end = line.find('"', start)
+            if line.startswith(_LINE_PREFIX) and end > start and line.endswith("}"):
+                self._lines[line[start:end]] = line
         return header
 
-    def _parse(self, lines: list[str]) -> None:
-        try:  # all lines at once (one C loop); a line cut by a kill makes it fall back to line by line
-            values = json.loads("[" + ",".join(lines[1:]) + "]")
+    def __contains__(self, content_id: str) -> bool:
+        return content_id in self._lines
+
+    def known(self) -> frozenset[str]:
+        """The content hashes the cache has a line for."""
+        return frozenset(self._lines)
+
+    def get_many(self, content_ids: Iterable[str]) -> dict[str, FileRecord]:
+        """The records of these content hashes, where the cache holds a good line for them.
+
+        Lines are parsed once, all in one ``json.loads``; a line that does not hold a whole record of
+        its own hash (a kill cut it, or it was edited) is dropped: the caller reads that file again.
+        """
+        content_ids = list(content_ids)
+        wanted = [h for h in dict.fromkeys(content_ids) if h not in self._records and h in self._lines]
+        if wanted:
+            with _gc_paused():
+                self._parse(wanted)
+        return {h: self._records[h] for h in content_ids if h in self._records}
+
+    def _parse(self, wanted: list[str]) -> None:
+        lines = [self._lines[h] for h in wanted]
+        try:  # all lines at once (one C loop); a bad line makes it fall back to line by line
+            values = json.loads("[" + ",".join(lines) + "]")
         except json.JSONDecodeError:
             values = []
-            for line in lines[1:]:
+            for line in lines:
                 try:
                     values.append(json.loads(line))
                 except json.JSONDecodeError:
                     values.append(None)
-        fields = frozenset(f.name for f in dataclasses.fields(FileRecord))
-        for line, value in zip(lines[1:], values):
-            if not isinstance(value, dict) or value.keys() != fields:
+        fields = _RECORD_FIELDS
+        for h, value in zip(wanted, values):
+            if not isinstance(value, dict) or value.keys() != fields or value["content_hash"] != h:
+                del self._lines[h]
+                self._clean = False
                 continue
             rec = object.__new__(FileRecord)  # the fields are all there (checked): skip __init__'s defaults
             rec.__dict__.update(value)
-            self.records[rec.content_hash] = rec
-            self._lines[rec.content_hash] = line
+            self._records[h] = rec
 
     def append(self, record: FileRecord) -> None:
         if self._fh is None:
@@ -567,7 +597,7 @@ class RecordCache:
         line = json.dumps(record.__dict__)  # the fields, as asdict would give them (no nested dataclasses)
         self._fh.write(line + "\n")
         self._fh.flush()
-        self.records[record.content_hash] = record
+        self._records[record.content_hash] = record
         self._clean = False  # compact sorts the lines: the same records give the same bytes, whatever the order they came in
         self._lines[record.content_hash] = line
 
@@ -575,9 +605,9 @@ class RecordCache:
         """Rewrite atomically with only the records of content still present in the input."""
         self.close()
         keep = set(keep)
-        if self._clean and keep == self.records.keys():
+        if self._clean and keep == self._lines.keys():
             return  # nothing appended or dropped: the file already holds these records, sorted
-        lines = [json.dumps(self.header)] + [self._lines[h] for h in sorted(self.records) if h in keep]
+        lines = [json.dumps(self.header)] + [self._lines[h] for h in sorted(self._lines) if h in keep]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
 
     def close(self) -> None:
@@ -587,6 +617,8 @@ class RecordCache:
 
 
 STAT_INDEX_NAME = ".stat_index.json"
+_LINE_PREFIX = '{"content_hash": "'  # how every record line of the cache starts (json.dumps of the fields in order)
+_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(FileRecord))
 
 
 def key_verified(secret: bytes, header: dict) -> str:
@@ -605,14 +637,15 @@ class StatIndex:
 
     A rerun trusts the content id of a file whose stat signature is unchanged, as git and DVC do, so
     an incremental run reads only new or changed files. Keys are keyed file ids, never paths. It also
-    holds :func:`key_verified` of the cache it was written with. Its entries are ignored when the
-    record cache was discarded (another key or version): see :meth:`discard`.
+    holds :func:`key_verified` of the cache it was written with, and the last run's assembly
+    (:func:`_memo`: what a rerun reuses for the series no changed file touches). Its entries are
+    ignored when the record cache was discarded (another key or version): see :meth:`discard`.
     """
 
-    VERSION = 2
+    VERSION = 3
 
     def __init__(self, path: Path):
-        self.path, self.entries, self.verified = path, {}, None
+        self.path, self.entries, self.verified, self.memo = path, {}, None, None
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
@@ -621,9 +654,10 @@ class StatIndex:
             if isinstance(data, dict) and data.get("version") == self.VERSION and isinstance(data.get("entries"), dict):
                 self.entries = data["entries"]
                 self.verified = data["verified"] if isinstance(data.get("verified"), str) else None
+                self.memo = data["assembly"] if isinstance(data.get("assembly"), dict) else None
 
     def discard(self) -> None:
-        self.entries, self.verified = {}, None
+        self.entries, self.verified, self.memo = {}, None, None
 
     def lookup(self, file_id: str, signature: tuple[int, ...]) -> str | None:
         entry = self.entries.get(file_id)
@@ -632,10 +666,10 @@ class StatIndex:
             return entry[-1]
         return None
 
-    def save(self, entries: dict[str, list], verified: str) -> None:
-        if entries != self.entries or verified != self.verified:  # an unchanged input leaves the index as it is
+    def save(self, entries: dict[str, list], verified: str, memo: dict) -> None:
+        if entries != self.entries or verified != self.verified or memo != self.memo:  # unchanged: left as it is
             atomic_write_text(self.path, json.dumps({"version": self.VERSION, "verified": verified,
-                                                     "entries": entries}, sort_keys=True))
+                                                     "entries": entries, "assembly": memo}, separators=(",", ":")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -654,14 +688,18 @@ class Labels:
     def lookup(self, relpath: str, record: FileRecord) -> str | None:
         if self.key is None:
             return NO_LABEL
-        value = {
+        value = self.value(relpath, record)
+        return self.by_value.get(value) if value else None
+
+    def value(self, relpath: str, record: FileRecord) -> str:
+        """What this file's label is looked up by (a keyed hash, or the path for ``file``)."""
+        return {
             "file": relpath,
             "sop_instance_uid": record.k_sop,
             "series_instance_uid": record.k_series,
             "study_instance_uid": record.k_study,
             "accession_number": record.k_accession,
         }[self.key]
-        return self.by_value.get(value) if value else None
 
 
 def read_labels(path: Path, pseudo: deid.Pseudonymizer) -> Labels:
@@ -769,27 +807,11 @@ def read_lesions(path: Path, pseudo: deid.Pseudonymizer) -> list[LesionRow]:
     return rows
 
 
-def _lesion_table(units: list[_Unit], lesions: list[LesionRow]) -> tuple[pd.DataFrame, int]:
-    """Sidecar rows of ingested instances under the manifest's keys, and how many rows were dropped.
-
-    A row is kept when its SOP instance is in a unit and its study and series match that instance's
-    (a row naming the wrong series is dropped rather than placed on another image).
-    """
-    where: dict[str, tuple[_Unit, int, FileRecord]] = {}
-    for unit in units:
-        for k, (_, record) in enumerate(unit.files):
-            where[record.k_sop] = (unit, k, record)
-    rows = []
-    for lesion in lesions:
-        found = where.get(lesion.k_sop)
-        if found is None or (found[2].k_series, found[2].k_study) != (lesion.k_series, lesion.k_study):
-            continue
-        unit, k, record = found
-        rows.append((_image_id(unit), record.patient_key, record.study_uid, record.series_uid, record.sop_uid, k,
-                     lesion.row, lesion.col, lesion.radius_px, lesion.radius_mm))
-    table = pd.DataFrame(rows, columns=list(LESION_OUTPUT_COLUMNS)).astype(
+def _lesion_table(images: list[_Image]) -> pd.DataFrame:
+    """The lesion rows of these images (see :func:`_images`), in ``lesions.parquet``'s order."""
+    table = pd.DataFrame([row for image in images for row in image.lesions], columns=list(LESION_OUTPUT_COLUMNS)).astype(
         {"slice_index": "int64", "row": "float64", "col": "float64", "radius_px": "float64", "radius_mm": "float64"})
-    return table.sort_values(["image_id", "slice_index"], kind="stable").reset_index(drop=True), len(lesions) - len(rows)
+    return table.sort_values(["image_id", "slice_index"], kind="stable").reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -909,44 +931,196 @@ def _image_id(unit: _Unit) -> str:
     return hashlib.sha1(basis.encode()).hexdigest()[:16]
 
 
-def _manifest(units: list[_Unit]) -> pd.DataFrame:
-    rows = []
+MANIFEST_COLUMNS = ("image_id", "unit", "patient_key", "study_uid", "series_uid", "sop_instance_uids", "label",
+                    "modality", "site", "manufacturer", "model", "rows", "cols", "frames", "samples_per_pixel",
+                    "spacing_mm", "orientation", "origin_mm", "photometric", "bits_stored", "pixel_representation",
+                    "rescale_slope", "rescale_intercept", "transfer_syntax", "paths", "n_files")
+
+
+def _manifest_row(unit: _Unit, image_id: str) -> dict[str, Any]:
+    first = unit.files[0][1]
+    spacing = list(first.pixel_spacing[:2]) + [unit.slice_spacing if unit.slice_spacing else float("nan")]
+    return {
+        "image_id": image_id,
+        "unit": unit.kind,
+        "patient_key": first.patient_key,
+        "study_uid": first.study_uid,
+        "series_uid": first.series_uid,
+        "sop_instance_uids": [r.sop_uid for _, r in unit.files],
+        "label": unit.label,
+        "modality": first.modality,
+        "site": first.site,
+        "manufacturer": first.manufacturer,
+        "model": first.model,
+        "rows": first.rows,
+        "cols": first.cols,
+        "frames": first.frames if unit.kind != "volume" else len(unit.files),
+        "samples_per_pixel": first.samples_per_pixel,
+        "spacing_mm": [float(s) if s else float("nan") for s in spacing] if first.pixel_spacing else [float("nan")] * 3,
+        "orientation": list(first.orientation) or [float("nan")] * 6,
+        "origin_mm": list(first.position) or [float("nan")] * 3,
+        "photometric": first.photometric,
+        "bits_stored": first.bits_stored,
+        "pixel_representation": first.pixel_representation,
+        "rescale_slope": first.rescale_slope,
+        "rescale_intercept": first.rescale_intercept,
+        "transfer_syntax": first.transfer_syntax,
+        "paths": [r.output for _, r in unit.files],
+        "n_files": len(unit.files),
+    }
+
+
+def _manifest(images: list[_Image]) -> pd.DataFrame:
+    return pd.DataFrame([image.row for image in images], columns=list(MANIFEST_COLUMNS))
+
+
+# --------------------------------------------------------------------------------------------------
+# phase 2b: what the outputs need of each unit, and the reuse of the last run's assembly
+
+
+@dataclass
+class _Image:
+    """A unit as the outputs need it: its manifest row, its input files (in ``paths`` order), how many
+    of its files have each transfer syntax, and its rows of the lesion table. Made from a unit
+    (:func:`_images`) or kept from the last run's assembly (:func:`_memo`)."""
+
+    row: dict[str, Any]
+    inputs: list[str]
+    syntaxes: dict[str, int]
+    lesions: list[list]
+
+
+def _images(units: list[_Unit], lesions: list[LesionRow]) -> list[_Image]:
+    """The images of these units; a lesion row is placed where its SOP instance is in a unit and its
+    study and series match that instance's (a row naming the wrong series is left out, not moved)."""
+    by_sop: dict[str, list[LesionRow]] = defaultdict(list)
+    for lesion in lesions:
+        by_sop[lesion.k_sop].append(lesion)
+    images = []
     for unit in units:
-        first = unit.files[0][1]
-        spacing = list(first.pixel_spacing[:2]) + [unit.slice_spacing if unit.slice_spacing else float("nan")]
-        rows.append({
-            "image_id": _image_id(unit),
-            "unit": unit.kind,
-            "patient_key": first.patient_key,
-            "study_uid": first.study_uid,
-            "series_uid": first.series_uid,
-            "sop_instance_uids": [r.sop_uid for _, r in unit.files],
-            "label": unit.label,
-            "modality": first.modality,
-            "site": first.site,
-            "manufacturer": first.manufacturer,
-            "model": first.model,
-            "rows": first.rows,
-            "cols": first.cols,
-            "frames": first.frames if unit.kind != "volume" else len(unit.files),
-            "samples_per_pixel": first.samples_per_pixel,
-            "spacing_mm": [float(s) if s else float("nan") for s in spacing] if first.pixel_spacing else [float("nan")] * 3,
-            "orientation": first.orientation or [float("nan")] * 6,
-            "origin_mm": first.position or [float("nan")] * 3,
-            "photometric": first.photometric,
-            "bits_stored": first.bits_stored,
-            "pixel_representation": first.pixel_representation,
-            "rescale_slope": first.rescale_slope,
-            "rescale_intercept": first.rescale_intercept,
-            "transfer_syntax": first.transfer_syntax,
-            "paths": [r.output for _, r in unit.files],
-            "n_files": len(unit.files),
-        })
-    columns = ["image_id", "unit", "patient_key", "study_uid", "series_uid", "sop_instance_uids", "label", "modality",
-               "site", "manufacturer", "model", "rows", "cols", "frames", "samples_per_pixel", "spacing_mm",
-               "orientation", "origin_mm", "photometric", "bits_stored", "pixel_representation", "rescale_slope",
-               "rescale_intercept", "transfer_syntax", "paths", "n_files"]
-    return pd.DataFrame(rows, columns=columns)
+        image_id = _image_id(unit)
+        rows = [[image_id, record.patient_key, record.study_uid, record.series_uid, record.sop_uid, k,
+                 lesion.row, lesion.col, lesion.radius_px, lesion.radius_mm]
+                for k, (_, record) in enumerate(unit.files) for lesion in by_sop.get(record.k_sop, ())
+                if (record.k_series, record.k_study) == (lesion.k_series, lesion.k_study)]
+        images.append(_Image(_manifest_row(unit, image_id), [p for p, _ in unit.files],
+                             dict(Counter(r.transfer_syntax for _, r in unit.files)), rows))
+    return images
+
+
+#: Version of the assembly memo's layout (and of what assembly does): another one is not reused.
+MEMO_VERSION = 1
+
+
+def _assembly_basis(labels: Labels, params: IngestParams) -> str:
+    """What assembly depends on besides the files, their labels and their lesion rows (those are checked
+    per component): the label key, the params (all but ``workers``: a change of any means a full
+    assembly), the versions."""
+    basis = [MEMO_VERSION, CACHE_VERSION, deid.DEID_VERSION, labels.key,
+             {k: v for k, v in asdict(params).items() if k != "workers"}]
+    return hashlib.sha256(json.dumps(basis).encode()).hexdigest()
+
+
+class _Dependencies:
+    """A component's labels and lesion rows, as this run has them: a component is reused only where
+    these are what they were when it was assembled."""
+
+    def __init__(self, labels: Labels, lesions: list[LesionRow], path_of: dict[str, str]):
+        self.labels, self.path_of = labels, path_of
+        self.lesions: dict[str, list[tuple]] = defaultdict(list)
+        for lesion in lesions:
+            self.lesions[lesion.k_sop[:16]].append(dataclasses.astuple(lesion))
+
+    def label_entries(self, files: list[tuple[str, str, FileRecord]]) -> list[list]:
+        """[looked up by, label] of these (relpath, file id, record)s; by file id for ``file`` labels."""
+        if self.labels.key is None:
+            return []
+        entries = {}
+        for rel, fid, record in files:
+            if not record.reason:
+                value = self.labels.value(rel, record)
+                entries[fid if self.labels.key == "file" else value] = self.labels.by_value.get(value) if value else None
+        return sorted([k, v] for k, v in entries.items())
+
+    def labels_hold(self, entries: list[list]) -> bool:
+        by_value, by_file = self.labels.by_value, self.labels.key == "file"
+        return all(by_value.get(self.path_of.get(k, "") if by_file else k) == v for k, v in entries)
+
+    def lesion_digest(self, keys: list[str]) -> str:
+        """Digest of the sidecar rows whose SOP instance's short key is among a component's link keys."""
+        rows = sorted(row for key in keys for row in self.lesions.get(key, ()))
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:32] if rows else ""
+
+
+def _link_keys(record: FileRecord) -> list[str]:
+    """What ties a file's assembly to other files': its series (volumes, conflicting labels) and its SOP
+    instance (duplicates). Shortened: a collision of two only joins their series' reuse, never their output."""
+    return [] if record.reason else [k[:16] for k in (record.k_series, record.k_sop) if k]
+
+
+def _unchanged(memo: dict | None, basis: str, file_ids: dict[str, str], content: dict[str, str],
+               deps: _Dependencies) -> list[dict]:
+    """Components of the last run's assembly (``memo``) whose files are all still there with the same
+    content, labels and lesion rows, when nothing else assembly depends on changed (``basis``); [] when
+    there is no memo."""
+    if not memo or memo.get("basis") != basis or not isinstance(memo.get("components"), list):
+        return []
+    now = {file_ids[rel]: h for rel, h in content.items()}
+    return [c for c in memo["components"] if all(now.get(fid) == h for fid, h in c["files"])
+            and deps.labels_hold(c["labels"]) and deps.lesion_digest(c["keys"]) == c["lesions"]]
+
+
+def _memo(basis: str, kept: list[dict], assembled: list[tuple[str, FileRecord]], units: list[_Unit],
+          images: list[_Image], rejected: dict[str, str], file_ids: dict[str, str], deps: _Dependencies) -> dict:
+    """The assembly a rerun may reuse: the files of every run are split in components, the smallest
+    sets of files that no link key (:func:`_link_keys`) ties to a file outside; for each, its files
+    with their content ids, its link keys, its images and its rejections (by file id, never path).
+    ``kept``: components reused as they were; ``assembled``: the files assembled in this run (those
+    without a content id are never reused: they are looked at again in every run)."""
+    parent = {rel: rel for rel, record in assembled if record.content_hash}
+
+    def root(rel: str) -> str:
+        while parent[rel] != rel:
+            parent[rel] = rel = parent[parent[rel]]
+        return rel
+
+    owner: dict[str, str] = {}
+    for rel, record in assembled:
+        for key in (_link_keys(record) if rel in parent else ()):
+            if key in owner:
+                parent[root(rel)] = root(owner[key])
+            else:
+                owner[key] = rel
+    groups: dict[str, dict] = {}
+    members: dict[str, list] = defaultdict(list)
+    for rel, record in assembled:
+        if rel in parent:
+            group = groups.setdefault(root(rel), {"files": [], "keys": [], "images": [], "rejected": []})
+            group["files"].append([file_ids[rel], record.content_hash])
+            group["keys"].extend(_link_keys(record))
+            members[root(rel)].append((rel, file_ids[rel], record))
+    for unit, image in zip(units, images):
+        groups[root(unit.files[0][0])]["images"].append({
+            "row": image.row, "ids": [file_ids[rel] for rel in image.inputs], "syntaxes": image.syntaxes,
+            "lesions": image.lesions})
+    for rel, reason in rejected.items():
+        if rel in parent:
+            groups[root(rel)]["rejected"].append([file_ids[rel], reason])
+    for name, group in groups.items():
+        group["files"].sort()
+        group["keys"] = sorted(set(group["keys"]))
+        group["rejected"].sort()
+        group["labels"] = deps.label_entries(members[name])
+        group["lesions"] = deps.lesion_digest(group["keys"])
+    components = sorted([*kept, *groups.values()], key=lambda c: c["files"][0][0])
+    return {"basis": basis, "components": components}
+
+
+def _reused(components: list[dict], path_of: dict[str, str]) -> tuple[list[_Image], dict[str, str]]:
+    """The images and rejections of reused components, with this run's input paths."""
+    images = [_Image(i["row"], [path_of[fid] for fid in i["ids"]], i["syntaxes"], i["lesions"])
+              for c in components for i in c["images"]]
+    return images, {path_of[fid]: reason for c in components for fid, reason in c["rejected"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1046,53 +1220,87 @@ def run(
             log.warning("ingest cache was made with another key or version (or is missing): starting from scratch")
         shutil.rmtree(out_dir / "dicom", ignore_errors=True)
         existing = set()
-    ctx = _ScanContext(source, out_dir, secret, params, frozenset(cache.records), demo=demo,
+    ctx = _ScanContext(source, out_dir, secret, params, cache.known(), demo=demo,
                        synthetic=synthetic if demo else frozenset())
 
     # phase 1: scan. An item whose signature is unchanged since the last run is not even read (its
     # content id comes from the local stat index); other cached content is only hashed.
-    known = {e.id: h for e in entries
-             if e.signature and (h := index.lookup(file_ids[e.id], e.signature)) is not None and h in cache.records}
-    results: dict[str, FileRecord] = {rel: cache.records[h] for rel, h in known.items()}
+    content = {e.id: h for e in entries
+               if e.signature and (h := index.lookup(file_ids[e.id], e.signature)) is not None and h in cache}
+    results: dict[str, FileRecord] = {}  # records of the files read in this run, and of cached ones when needed
     n_new = 0
-    try:
-        todo = [(e.id, e.reason) for e in entries if e.id not in known]
-        for relpath, record in map_ordered(_scan_file, todo, init=_init_worker, init_args=(ctx,), params=fanout,
-                                           workers=params.workers, desc="ingest", on_crash=_scan_crashed):
+
+    def scan(items: list[tuple[str, str]], context: _ScanContext, workers: int) -> None:
+        nonlocal n_new
+        for relpath, record in map_ordered(_scan_file, items, init=_init_worker, init_args=(context,), params=fanout,
+                                           workers=workers, desc="ingest", on_crash=_scan_crashed):
+            if record.content_hash:
+                content[relpath] = record.content_hash
             if record.reason == "__cached__":
-                record = cache.records[record.content_hash]
-            else:
-                n_new += 1
-                if record.content_hash:  # a file that was not read has nothing to cache
-                    cache.append(record)
-                    if record.output:
-                        existing.add(record.output)
+                continue  # its record is the cache's, read below if assembly needs it
+            n_new += 1
+            if record.content_hash:  # a file that was not read has nothing to cache
+                cache.append(record)
+                if record.output:
+                    existing.add(record.output)
             results[relpath] = record
+
+    def records(relpaths: list[str]) -> None:
+        """Put the cached records of these files in ``results``; files whose cache line is not a whole
+        record (a killed run cut it) are read again."""
+        need = [rel for rel in relpaths if rel not in results]
+        got = cache.get_many(content[rel] for rel in need)
+        again = [(rel, "") for rel in need if content[rel] not in got]
+        results.update((rel, got[content[rel]]) for rel in need if content[rel] in got)
+        if again:
+            log.info("ingest cache: %d records unreadable, their files are read again", len(again))
+            scan(again, dataclasses.replace(ctx, known=ctx.known - {content.pop(rel) for rel, _ in again}), 1)
+
+    try:
+        scan([(e.id, e.reason) for e in entries if e.id not in content], ctx, params.workers)
+        # phase 2: assemble the files that changed, with every file linked to them; the rest is reused
+        basis = _assembly_basis(labels, params)
+        deps = _Dependencies(labels, lesions, {fid: rel for rel, fid in file_ids.items()})
+        kept = _unchanged(index.memo, basis, file_ids, content, deps)
+        while True:
+            reused = {fid for c in kept for fid, _ in c["files"]}
+            outside = [e.id for e in entries if file_ids[e.id] not in reused]
+            records([rel for rel in outside if rel in content])
+            touched = {key for rel in outside for key in _link_keys(results[rel])}
+            dirty = [c for c in kept if not touched.isdisjoint(c["keys"])]
+            if not dirty:
+                break
+            kept = [c for c in kept if touched.isdisjoint(c["keys"])]
     finally:
         cache.close()
-    scanned = [(e.id, results[e.id]) for e in entries]
-    index.save({file_ids[e.id]: [*e.signature, results[e.id].content_hash]
-                for e in entries if e.signature and results[e.id].content_hash}, key_verified(secret, cache.header))
-
-    # phase 2: assemble units
+    assembling = [(rel, results[rel]) for rel in outside]
     with _gc_paused():
-        units, rejected = _assemble(scanned, labels, params, file_id=file_ids.__getitem__)
+        units, rejected = _assemble(assembling, labels, params, file_id=file_ids.__getitem__)
+        images = _images(units, lesions)
+        memo = _memo(basis, kept, assembling, units, images, rejected, file_ids, deps)
+        old_images, old_rejected = _reused(kept, deps.path_of)
+    images += old_images
+    images.sort(key=lambda image: image.row["paths"][0])
+    rejected.update(old_rejected)
+    index.save({file_ids[e.id]: [*e.signature, content[e.id]] for e in entries if e.signature and e.id in content},
+               key_verified(secret, cache.header), memo)
 
     # phase 3: outputs
-    wanted = {r.output: p for u in units for p, r in u.files}
+    wanted = {out: rel for image in images for out, rel in zip(image.row["paths"], image.inputs)}
     missing = [(p, out) for out, p in sorted(wanted.items()) if out not in existing]
     for _ in map_ordered(_rewrite_output, missing, init=_init_worker, init_args=(ctx,), params=fanout,
                          workers=params.workers, desc="rewrite"):
         pass
     _remove_unwanted(out_dir, existing, set(wanted))
-    cache.compact({r.content_hash for _, r in scanned})
+    cache.compact(set(content.values()))
 
     with _gc_paused():
-        manifest = _manifest(units)
+        manifest = _manifest(images)
     buffer = io.BytesIO()
     manifest.to_parquet(buffer, index=False)
     atomic_write_bytes(out_dir / "manifest.parquet", buffer.getvalue())
-    lesion_table, lesions_dropped = _lesion_table(units, lesions)
+    lesion_table = _lesion_table(images)
+    lesions_dropped = len(lesions) - len(lesion_table)
     buffer = io.BytesIO()
     lesion_table.to_parquet(buffer, index=False)
     atomic_write_bytes(out_dir / "lesions.parquet", buffer.getvalue())
@@ -1108,21 +1316,25 @@ def run(
         _quarantine(source, Path(quarantine_dir), rejected_rows, file_ids, params)
     if inputs_csv is not None:
         atomic_write_text(Path(inputs_csv), csv_text(
-            ["image_id", "input"], sorted((_image_id(u), "|".join(p for p, _ in u.files)) for u in units)))
+            ["image_id", "input"], sorted((i.row["image_id"], "|".join(i.inputs)) for i in images)))
 
-    ingested_files = sum(len(u.files) for u in units)
+    ingested_files = sum(len(i.inputs) for i in images)
+    rows = [i.row for i in images]
+    syntaxes: Counter = Counter()
+    for image in images:
+        syntaxes.update(image.syntaxes)
     summary = IngestSummary(
         files_seen=len(entries),
         ingested=ingested_files,
         rejected=dict(sorted(Counter(reason.split(":", 1)[0] for _, reason in rejected_rows).items())),
-        images=len(units),
-        series=len({u.files[0][1].series_uid for u in units}),
-        studies=len({u.files[0][1].study_uid for u in units}),
-        patients=len({u.files[0][1].patient_key for u in units}),
-        by_modality=dict(sorted(Counter(u.files[0][1].modality for u in units).items())),
-        by_site=dict(sorted(Counter(u.files[0][1].site for u in units).items())),
-        by_label=dict(sorted(Counter(u.label for u in units).items())),
-        by_transfer_syntax=_syntax_names(Counter(r.transfer_syntax for u in units for _, r in u.files)),
+        images=len(images),
+        series=len({r["series_uid"] for r in rows}),
+        studies=len({r["study_uid"] for r in rows}),
+        patients=len({r["patient_key"] for r in rows}),
+        by_modality=dict(sorted(Counter(r["modality"] for r in rows).items())),
+        by_site=dict(sorted(Counter(r["site"] for r in rows).items())),
+        by_label=dict(sorted(Counter(r["label"] for r in rows).items())),
+        by_transfer_syntax=_syntax_names(syntaxes),
         label_key=labels.key,
         run={"runner": fanout.runner, "workers": workers, "new_files": n_new, "cached_files": len(entries) - n_new,
              "rewritten_files": len(missing), "seconds": round(time.perf_counter() - started, 2)},
