@@ -106,7 +106,7 @@ def main() -> None:
         results[f"incremental_w{workers}"] = {
             "new_patients": new_patients, "new_files": s.run["new_files"],
             "new_fraction": round(s.run["new_files"] / s.files_seen, 3),
-            "seconds": round(t_inc, 2), "fraction_of_full_run": round(t_inc / full, 3),
+            "seconds": round(t_inc, 2), "fraction_of_full_run": round(t_inc / full, 3), "phases": s.run["phases"],
         }
         print(json.dumps({f"incremental_w{workers}": results[f"incremental_w{workers}"]}))
     # restore the cohort size for the next benchmark run (the added patients would be kept otherwise)

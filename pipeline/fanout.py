@@ -63,6 +63,7 @@ done: the workers of a killed parent may linger.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import multiprocessing
@@ -554,5 +555,26 @@ def _prefect_chunks(fn: Callable, items: list, init: Callable, init_args: tuple,
         server = SubprocessASGIServer()
         server.start()
         api_url = server.api_url
-    with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}):
+    with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}), preserved_environ():
         yield from fan_out_flow()
+
+
+@contextlib.contextmanager
+def preserved_environ() -> Iterator[None]:
+    """Put ``os.environ`` back as it was on the way out.
+
+    A local Dask cluster's nannies run in this process and set distributed's ``pre-spawn-environ``
+    here (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS`` = 1, ``MALLOC_TRIM_THRESHOLD_``)
+    without removing it: everything started from this process later, a training run among them,
+    would get one thread. Only variables this block changed are restored.
+    """
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        after = dict(os.environ)
+        for name in after.keys() - before.keys():
+            os.environ.pop(name, None)
+        for name, value in before.items():
+            if after.get(name) != value:
+                os.environ[name] = value

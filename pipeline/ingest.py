@@ -1223,6 +1223,7 @@ def run(
     ctx = _ScanContext(source, out_dir, secret, params, cache.known(), demo=demo,
                        synthetic=synthetic if demo else frozenset())
 
+    clock = {"prepare": time.perf_counter()}  # when each phase ended (summary.run["phases"]: seconds each)
     # phase 1: scan. An item whose signature is unchanged since the last run is not even read (its
     # content id comes from the local stat index); other cached content is only hashed.
     content = {e.id: h for e in entries
@@ -1259,6 +1260,7 @@ def run(
     try:
         scan([(e.id, e.reason) for e in entries if e.id not in content], ctx, params.workers)
         # phase 2: assemble the files that changed, with every file linked to them; the rest is reused
+        clock["scan"] = time.perf_counter()
         basis = _assembly_basis(labels, params)
         deps = _Dependencies(labels, lesions, {fid: rel for rel, fid in file_ids.items()})
         kept = _unchanged(index.memo, basis, file_ids, content, deps)
@@ -1285,6 +1287,7 @@ def run(
     index.save({file_ids[e.id]: [*e.signature, content[e.id]] for e in entries if e.signature and e.id in content},
                key_verified(secret, cache.header), memo)
 
+    clock["assemble"] = time.perf_counter()
     # phase 3: outputs
     wanted = {out: rel for image in images for out, rel in zip(image.row["paths"], image.inputs)}
     missing = [(p, out) for out, p in sorted(wanted.items()) if out not in existing]
@@ -1307,6 +1310,7 @@ def run(
     if lesions_csv is not None:
         log.info("lesions: %d sidecar rows, %d on %d ingested images, %d dropped (instance not ingested)",
                  len(lesions), len(lesion_table), lesion_table["image_id"].nunique(), lesions_dropped)
+    clock["write"] = time.perf_counter()
     rejected_rows = sorted(rejected.items())
     # rejected.csv is a DVC output (pushed): input paths often hold names and MRNs, so files are named
     # by keyed ids there; the local quarantine's reasons.csv maps them back to paths
@@ -1337,7 +1341,9 @@ def run(
         by_transfer_syntax=_syntax_names(syntaxes),
         label_key=labels.key,
         run={"runner": fanout.runner, "workers": workers, "new_files": n_new, "cached_files": len(entries) - n_new,
-             "rewritten_files": len(missing), "seconds": round(time.perf_counter() - started, 2)},
+             "rewritten_files": len(missing), "seconds": round(time.perf_counter() - started, 2),
+             "phases": {name: round(end - begin, 3) for (name, end), begin
+                        in zip(clock.items(), [started, *clock.values()])}},
         lesions={"rows": len(lesions), "kept": len(lesion_table), "dropped": lesions_dropped} if lesions_csv else {},
     )
     if summary.files_seen != summary.ingested + summary.rejected_total:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.fanout import FanoutParams, WorkerDied, map_ordered
+from pipeline.fanout import FanoutParams, WorkerDied, map_ordered, preserved_environ
 from pipeline.params import load_section
 from tests.conftest import TEST_KEY
 
@@ -52,7 +52,8 @@ def dask_address():
     """A local Dask cluster of two single-threaded worker processes: stands in for a real one."""
     distributed = pytest.importorskip("distributed", reason="prefect-dask (dask.distributed) is not installed")
     pytest.importorskip("prefect_dask", reason="prefect-dask is not installed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    with preserved_environ(), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         yield cluster.scheduler_address
 
 
@@ -77,9 +78,12 @@ def test_results_in_input_order_after_init_in_the_worker(request, runner, at_add
     params = _fanout(request, runner, at_address, chunk=8)  # 40 items: 5 chunks, more than the workers
     factor = 2 + [p.id for p in RUNNERS].index(request.node.callspec.id)  # a new value: init must run again
     items = [x for x in range(41) if x != 13]
+    environ = dict(os.environ)
     results = list(map_ordered(_scale, items, init=_set_factor, init_args=(factor,), params=params, workers=2,
                                desc="test"))
     assert [value for value, _ in results] == [factor * x for x in items]
+    # a local Dask cluster sets OMP_NUM_THREADS=1 & co. in this process: a later training run would get one thread
+    assert dict(os.environ) == environ, "the fan-out changed this process's environment"
     pids = {pid for _, pid in results}
     if runner in ("inline", "thread"):
         assert pids == {os.getpid()}
@@ -292,7 +296,7 @@ def test_a_dead_dask_worker_costs_its_item_only(harness):
     import dask
 
     # no retries by Dask of a task whose worker died: each is a worker restart (seconds)
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), preserved_environ(), \
             distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                      dashboard_address=":0") as cluster:
         params = FanoutParams(runner="dask", address=cluster.scheduler_address, chunk=4)
