@@ -1077,7 +1077,8 @@ def _memo(basis: str, kept: list[dict], assembled: list[tuple[str, FileRecord]],
     with their content ids, its link keys, its images and its rejections (by file id, never path).
     ``kept``: components reused as they were; ``assembled``: the files assembled in this run (those
     without a content id are never reused: they are looked at again in every run)."""
-    parent = {rel: rel for rel, record in assembled if record.content_hash}
+    links = {rel: _link_keys(record) for rel, record in assembled if record.content_hash}
+    parent = {rel: rel for rel in links}
 
     def root(rel: str) -> str:
         while parent[rel] != rel:
@@ -1085,8 +1086,8 @@ def _memo(basis: str, kept: list[dict], assembled: list[tuple[str, FileRecord]],
         return rel
 
     owner: dict[str, str] = {}
-    for rel, record in assembled:
-        for key in (_link_keys(record) if rel in parent else ()):
+    for rel, keys_of_file in links.items():
+        for key in keys_of_file:
             if key in owner:
                 parent[root(rel)] = root(owner[key])
             else:
@@ -1097,7 +1098,7 @@ def _memo(basis: str, kept: list[dict], assembled: list[tuple[str, FileRecord]],
         if rel in parent:
             group = groups.setdefault(root(rel), {"files": [], "keys": [], "images": [], "rejected": []})
             group["files"].append([file_ids[rel], record.content_hash])
-            group["keys"].extend(_link_keys(record))
+            group["keys"].extend(links[rel])
             members[root(rel)].append((rel, file_ids[rel], record))
     for unit, image in zip(units, images):
         groups[root(unit.files[0][0])]["images"].append({
@@ -1255,7 +1256,8 @@ def run(
         results.update((rel, got[content[rel]]) for rel in need if content[rel] in got)
         if again:
             log.info("ingest cache: %d records unreadable, their files are read again", len(again))
-            scan(again, dataclasses.replace(ctx, known=ctx.known - {content.pop(rel) for rel, _ in again}), 1)
+            unreadable = {content.pop(rel) for rel, _ in again}  # scan puts their content ids back
+            scan(again, dataclasses.replace(ctx, known=ctx.known - unreadable), 1)
 
     try:
         scan([(e.id, e.reason) for e in entries if e.id not in content], ctx, params.workers)
