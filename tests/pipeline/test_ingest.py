@@ -388,6 +388,24 @@ def test_interrupted_run_resumes_from_its_cache(cohort, ingested, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), reference)
 
 
+def test_a_cache_line_that_is_no_record_is_dropped_and_its_file_read_again(cohort, ingested, tmp_path):
+    """A whole-looking line that does not parse into a record (edited, or bytes flipped) costs a re-read of
+    its file; the outputs and the cache come out as a clean run writes them."""
+    done, _ = ingested
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    cache = out / "cache" / "records.jsonl"
+    lines = cache.read_text().splitlines()
+    lines[1] = lines[1].replace('"reason": ', '"reasons": ', 1)
+    cache.write_text("\n".join(lines) + "\n")
+    (out / ingest.STAT_INDEX_NAME).unlink()  # every file hashed again: the cached records are all needed
+    again = ingest.run(ingest.IngestParams(workers=1), cohort, cohort / "labels.csv", out, key=TEST_KEY)
+    assert again.run["new_files"] == 1, "only the file of the broken line is read again"
+    assert cache.read_bytes() == (done / "cache" / "records.jsonl").read_bytes()
+    for name in ("manifest.parquet", "rejected.csv", "lesions.parquet"):
+        assert (out / name).read_bytes() == (done / name).read_bytes(), name
+
+
 def test_a_different_key_gives_different_pseudonyms_and_rebuilds(cohort, ingested, tmp_path):
     out, _ = ingested
     other = tmp_path / "out"
